@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Creates (when missing) the project's virtual environment in .venv and installs everything.
+# Safe to run again: it only installs when setup.cfg changed since the last install.
+# Usage: source scripts/env.sh   (or run it; it prints the python to use)
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${HYCAM_VENV:-$root/.venv}"
+stamp="$venv/.installed"
+want="$(sha256sum "$root/setup.cfg" "$root/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  "$venv/bin/pip" install -q --upgrade pip
+  # Never let pip resolve an unpinned torch on a machine without a GPU: that pulls a
+  # multi-GB CUDA build. The CPU build 2.13.0 is pinned first; with a GPU, the default build.
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    "$venv/bin/pip" install -q "torch>=2.4"
+  else
+    "$venv/bin/pip" install -q "torch==2.13.0"
+  fi
+  "$venv/bin/pip" install -q -e "$root[dev]"
+  echo "$want" > "$stamp"
+fi
+echo "$venv/bin/python"
