@@ -1,0 +1,322 @@
+"""HyCAM core: identity at init, equivalence with the paper's equation, training invariants,
+balance loss, determinism, generation, gradient checkpointing, families."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hycam_ds as H
+from hycam_ds.backbones import build_backbone
+from hycam_ds.injection import hycam_layers
+
+FAMILIES = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3"]
+VOCAB = 97
+
+
+def _ids(batch=2, length=9, seed=0):
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _randomise_hycam(model, seed=1, scale=0.3):
+    """Non-zero values everywhere (init zeroes W_shared and B_k), so the modulation is visible."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in H.hycam_named_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("site", ["attention", "residual"])
+def test_identity_at_init(family, site):
+    model = build_backbone(family, VOCAB)
+    ids = _ids()
+    reference = model(ids).logits
+    H.apply_hycam(model, H.HyCAMConfig(site=site))
+    model.train()  # Gumbel noise is drawn, but B_k = W_shared = 0 makes A exactly 0
+    assert torch.equal(model(ids).logits, reference)
+    model.eval()
+    assert torch.equal(model(ids).logits, reference)
+
+
+def _reference_hooks(model, config):
+    """The paper's equation written plainly (loop over experts, no fused code), installed as
+    forward hooks on the *unwrapped* attention modules of a second copy of the backbone."""
+    handles, layer_inputs = [], {}
+    for index, (layer, hycam) in enumerate(zip(model.model.layers, config["params"])):
+
+        def capture(module, args, kwargs, index=index):
+            layer_inputs[index] = kwargs.get("hidden_states", args[0] if args else None)
+
+        def modulate(module, args, kwargs, output, index=index, p=hycam):
+            x = kwargs["hidden_states"]
+            h = output[0]
+            logits = F.linear(x, p["router.proj.weight"], p.get("router.proj.bias"))
+            weights = torch.softmax(logits / config["tau"], dim=-1)
+            shared = F.silu(F.linear(x, p["shared.weight"], p.get("shared.bias"))) if "shared.weight" in p else 0
+            specialised = 0
+            n, r = p["spec_n"].shape[0], p["spec_n"].shape[1]
+            for k in range(n):
+                a_k = p["spec_a"][:, k * r:(k + 1) * r]
+                z = ((x @ a_k) @ p["spec_n"][k]) @ p["spec_b"][k]
+                specialised = specialised + weights[..., k:k + 1] * F.silu(config["scale"] * z)
+            a = shared + specialised
+            target = h if config["site"] == "attention" else h + layer_inputs[index]
+            return (h + target * a, *output[1:])
+
+        handles.append(layer.register_forward_pre_hook(capture, with_kwargs=True))
+        handles.append(layer.self_attn.register_forward_hook(modulate, with_kwargs=True))
+    return handles
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("site", ["attention", "residual"])
+@pytest.mark.parametrize("shared,bias", [(True, False), (False, True)])
+def test_matches_reference_equation(family, site, shared, bias):
+    cfg = H.HyCAMConfig(site=site, shared=shared, bias=bias)
+    plain = build_backbone(family, VOCAB)
+    model = H.apply_hycam(build_backbone(family, VOCAB), cfg)
+    _randomise_hycam(model)
+    params = []
+    for layer in hycam_layers(model):
+        params.append({name: p.detach().clone() for name, p in layer.named_parameters()})
+    _reference_hooks(plain, {"params": params, "tau": cfg.tau, "scale": cfg.scaling, "site": site})
+    model.eval(), plain.eval()
+    ids = _ids()
+    expected = plain(ids).logits
+    actual = model(ids).logits
+    assert not torch.allclose(expected, build_backbone(family, VOCAB)(ids).logits, atol=1e-3), "modulation must be visible"
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+def _autograd_reference(target, u, mid, spec_b, weights, scale, hard):
+    """Same maths as hycam_ds.modulation with plain autograd (straight-through for hard)."""
+    if hard:
+        one_hot = F.one_hot(weights.argmax(-1), weights.shape[-1]).to(weights.dtype)
+        weights = one_hot - weights.detach() + weights
+    experts = F.silu(scale * torch.einsum("tnr,nrd->tnd", mid, spec_b))
+    a = (weights.unsqueeze(-1) * experts).sum(1)
+    if u is not None:
+        a = a + F.silu(u)
+    return target * a
+
+
+@pytest.mark.parametrize("hard", [False, True])
+@pytest.mark.parametrize("with_shared", [True, False])
+def test_fused_modulation_gradients(hard, with_shared):
+    from hycam_ds.modulation import modulate
+
+    g = torch.Generator().manual_seed(3)
+    t, n, r, d = 11, 5, 3, 7
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
+
+    inputs = [leaf(t, d), leaf(t, d) if with_shared else None, leaf(t, n, r), leaf(n, r, d)]
+    weights = torch.softmax(torch.randn(t, n, generator=g, dtype=torch.float64) * 3, -1).requires_grad_()
+    grad_out = torch.randn(t, d, generator=g, dtype=torch.float64)
+    ours = modulate(*inputs, weights, 1.7, hard)
+    ref = _autograd_reference(*inputs, weights, 1.7, hard)
+    torch.testing.assert_close(ours, ref)
+    leaves = [x for x in inputs if x is not None] + [weights]
+    torch.testing.assert_close(torch.autograd.grad(ours, leaves, grad_out), torch.autograd.grad(ref, leaves, grad_out))
+    if not hard:
+        assert torch.autograd.gradcheck(lambda *a: modulate(*a, 1.7, False), (*[x for x in inputs], weights)
+                                        if with_shared else (inputs[0], None, inputs[2], inputs[3], weights))
+
+
+def test_training_changes_only_hycam_and_router_learns():
+    model = H.apply_hycam(build_backbone("tiny-llama", VOCAB), H.HyCAMConfig(balance_weight=0.0))
+    backbone_before = {n: p.detach().clone() for n, p in model.named_parameters() if ".hycam." not in n}
+    hycam_before = {n: p.detach().clone() for n, p in H.hycam_named_parameters(model)}
+    trainable = {id(p) for p in H.hycam_parameters(model)}
+    assert trainable == {id(p) for p in model.parameters() if p.requires_grad}
+    assert len(trainable) == len(hycam_before) > 0
+    optimizer = torch.optim.AdamW(H.hycam_parameters(model), lr=1e-2)
+    model.train()
+    router_grads = []
+    for step in range(3):
+        ids = _ids(seed=step)
+        loss = model(ids, labels=ids).loss  # LM loss only: the router must learn from it
+        loss.backward()
+        router_grads.append(sum(layer.router.proj.weight.grad.abs().sum().item() for layer in hycam_layers(model)))
+        optimizer.step()
+        optimizer.zero_grad()
+    for name, p in model.named_parameters():
+        if ".hycam." not in name:
+            assert torch.equal(p, backbone_before[name]), f"backbone parameter {name} changed"
+    for name, p in H.hycam_named_parameters(model):
+        assert not torch.equal(p, hycam_before[name]), f"HyCAM parameter {name} did not train"
+    assert router_grads[-1] > 0
+
+
+def test_untrained_router_option_freezes_router():
+    model = H.apply_hycam(build_backbone("tiny-llama", VOCAB), H.HyCAMConfig.authors_code())
+    names = {n for n, p in H.hycam_named_parameters(model) if p.requires_grad}
+    assert names and not any("router" in n for n in names)
+    assert len(H.hycam_parameters(model, trainable_only=False)) > len(names)
+
+
+def test_balance_loss_hand_computed():
+    """Router with zero weights and bias b = log(1..5): logits are b for every token, so in eval
+    mode p = softmax(b / 0.5) = k^2 / 55 and softmax(b) = k / 15: per layer sum_k k^3 / 825."""
+    model = H.apply_hycam(build_backbone("tiny-llama", VOCAB), H.HyCAMConfig(bias=True))
+    with torch.no_grad():
+        for layer in hycam_layers(model):
+            layer.router.proj.weight.zero_()
+            layer.router.proj.bias.copy_(torch.log(torch.arange(1.0, 6.0)))
+    model.eval()
+    model(_ids())
+    expected = 2 * sum(k**3 for k in range(1, 6)) / (15 * 55)
+    assert H.balance_loss(model).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_balance_loss_ignores_padding():
+    model = H.apply_hycam(build_backbone("tiny-llama", VOCAB))
+    _randomise_hycam(model)
+    model.eval()
+    ids = _ids(batch=2, length=8)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    model(ids, attention_mask=mask)
+    # Hand computation from the stored per-token routing, real tokens only.
+    expected = 0.0
+    for layer in hycam_layers(model):
+        w = layer.last_routing["weights"][mask.bool()]
+        p = torch.softmax(layer.last_routing["logits"], -1)[mask.bool()]
+        expected += sum(w[:, k].mean().item() * p[:, k].mean().item() for k in range(w.shape[1]))
+    assert H.balance_loss(model).item() == pytest.approx(expected, rel=1e-5)
+    # Padding content must not matter: other tokens in the padded positions, same loss.
+    other = ids.clone()
+    other[1, 5:] = (other[1, 5:] + 13) % VOCAB
+    model(other, attention_mask=mask)
+    assert H.balance_loss(model).item() == pytest.approx(expected, rel=1e-5)
+    # Segment ids (packed rows, 0 = padding) give the same exclusion.
+    segment_ids = mask.clone()
+    assert H.balance_loss(model, segment_ids=segment_ids).item() == pytest.approx(expected, rel=1e-5)
+    unmasked = H.balance_loss(model, token_mask=torch.ones_like(mask)).item()
+    assert unmasked != pytest.approx(expected, rel=1e-5)
+
+
+def test_eval_is_deterministic_and_training_samples():
+    model = H.apply_hycam(build_backbone("tiny-llama", VOCAB))
+    _randomise_hycam(model)
+    ids = _ids()
+    model.eval()
+    assert torch.equal(model(ids).logits, model(ids).logits)
+    model.train()
+    first, second = model(ids).logits, model(ids).logits
+    assert not torch.equal(first, second), "training must draw fresh Gumbel noise per forward"
+    sampling = H.apply_hycam(build_backbone("tiny-llama", VOCAB), H.HyCAMConfig(eval_routing="sample"))
+    _randomise_hycam(sampling)
+    sampling.eval()
+    assert not torch.equal(sampling(ids).logits, sampling(ids).logits)
+
+
+def test_hard_routing_uses_one_expert_per_token():
+    model = H.apply_hycam(build_backbone("tiny-llama", VOCAB), H.HyCAMConfig(routing="hard", eval_routing="argmax"))
+    _randomise_hycam(model)
+    model.eval()
+    model(_ids())
+    stats = H.routing_stats(model)
+    for layer in stats:
+        assert sum(layer["top_fraction"]) == pytest.approx(1.0)
+        assert 0 < layer["entropy"] <= math.log(5) + 1e-6
+
+
+def test_routing_stats_fields():
+    model = H.apply_hycam(build_backbone("tiny-qwen2", VOCAB))
+    _randomise_hycam(model)
+    model.train()
+    model(_ids())
+    stats = H.routing_stats(model)
+    assert [s["layer"] for s in stats] == [0, 1]
+    for s in stats:
+        assert len(s["expert_prob"]) == 5 and sum(s["expert_prob"]) == pytest.approx(1.0, rel=1e-5)
+        assert s["shared_magnitude"] > 0 and s["specialized_magnitude"] > 0
+
+
+@pytest.mark.parametrize("family", ["tiny-llama", "tiny-qwen2"])
+def test_generate_with_cache_equals_without(family):
+    model = H.apply_hycam(build_backbone(family, VOCAB), H.HyCAMConfig())
+    _randomise_hycam(model, scale=0.5)
+    model.eval()
+    prompt = _ids(batch=2, length=5)
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with_cache = model.generate(prompt, use_cache=True, **kwargs)
+    without_cache = model.generate(prompt, use_cache=False, **kwargs)
+    assert with_cache.shape == (2, 13)
+    assert torch.equal(with_cache, without_cache)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_gives_same_gradients(use_reentrant):
+    """Checkpointing re-runs attention in backward: the Gumbel noise must be the same again."""
+
+    def grads(checkpointing, with_balance):
+        model = H.apply_hycam(build_backbone("tiny-llama", VOCAB), H.HyCAMConfig(site="residual"))
+        _randomise_hycam(model)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+            model.enable_input_require_grads()
+        model.train()
+        ids = _ids()
+        loss = model(ids, labels=ids).loss
+        if with_balance:
+            loss = loss + H.balance_loss(model)
+        loss.backward()
+        return {n: p.grad.clone() for n, p in H.hycam_named_parameters(model)}
+
+    with_balance = not use_reentrant
+    plain, checkpointed = grads(False, with_balance), grads(True, with_balance)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_reentrant_checkpointing_with_balance_loss_is_a_clear_error():
+    """Reentrant checkpointing runs the forward under no_grad: the balance loss would silently
+    not train the router. It must say so instead."""
+    model = H.apply_hycam(build_backbone("tiny-llama", VOCAB))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.enable_input_require_grads()
+    model.train()
+    ids = _ids()
+    model(ids, labels=ids)
+    with pytest.raises(RuntimeError, match="use_reentrant=False"):
+        H.balance_loss(model)
+
+
+def test_bf16_forward_backward():
+    model = H.apply_hycam(build_backbone("tiny-llama", VOCAB, dtype=torch.bfloat16))
+    _randomise_hycam(model, scale=0.1)
+    assert all(p.dtype == torch.bfloat16 for p in H.hycam_parameters(model))
+    model.train()
+    ids = _ids()
+    loss = model(ids, labels=ids).loss + H.balance_loss(model)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in H.hycam_parameters(model))
+    reference = H.apply_hycam(build_backbone("tiny-llama", VOCAB))
+    _randomise_hycam(reference, scale=0.1)
+    model.eval(), reference.eval()
+    torch.testing.assert_close(model(ids).logits.float(), reference(ids).logits, atol=0.1, rtol=0.05)
+
+
+def test_unsupported_model_type_is_a_clear_error():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match=r"model_type='gpt2'.*supported: \['llama', 'mistral', 'qwen2', 'qwen3'\]"):
+        H.apply_hycam(model, H.HyCAMConfig())
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="routing"):
+        H.HyCAMConfig(routing="top2")
+    with pytest.raises(ValueError, match="num_specialized"):
+        H.HyCAMConfig(num_specialized=0)
+    with pytest.raises(ValueError, match="tau"):
+        H.HyCAMConfig(tau=0)
+    with pytest.raises(ValueError, match="unknown field"):
+        H.HyCAMConfig.from_dict({"rnak": 4})
