@@ -1,0 +1,136 @@
+"""Rendezvous checks for multi-process training: fail fast and say which rank is missing.
+
+The trainer calls, in this order::
+
+    deepspeed.init_distributed(timeout=init_timeout())   # reads RANK, WORLD_SIZE, MASTER_ADDR, ...
+    preflight(timeout_s=...)                              # before the model is loaded
+
+`init_timeout()` bounds every collective (torch's default is 30 minutes), so when one rank
+dies the others raise instead of hanging; under SLURM `srun --kill-on-bad-exit=1` ends the
+whole step as soon as any rank exits non-zero. `preflight()` proves that every rank reached
+the rendezvous and that the backend moves data between all of them, and names the ranks that
+did not, instead of a bare timeout deep inside the first collective of the model load.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+import time
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+#: Seconds before a collective (and the process group init) gives up; overridable per run.
+TIMEOUT_ENV = "HYCAM_DIST_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 600.0
+
+_KEY_PREFIX = "hycam_preflight"
+_preflight_calls = 0  # each call uses fresh store keys; every rank calls preflight equally often
+
+
+def init_timeout(default_s: float = DEFAULT_TIMEOUT_S) -> datetime.timedelta:
+    """Timeout to pass to `deepspeed.init_distributed(timeout=...)` (and so to every collective).
+
+    Read from the environment variable HYCAM_DIST_TIMEOUT_S when set, else `default_s`.
+    """
+    raw = os.environ.get(TIMEOUT_ENV)
+    seconds = default_s
+    if raw is not None and raw != "":
+        try:
+            seconds = float(raw)
+        except ValueError:
+            raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds, got {raw!r}") from None
+    if seconds <= 0:
+        raise ValueError(f"{TIMEOUT_ENV} must be positive, got {seconds}")
+    return datetime.timedelta(seconds=seconds)
+
+
+def _collective_device() -> torch.device:
+    # NCCL only reduces CUDA tensors; gloo (and DeepSpeed's CPU backends) reduce CPU tensors.
+    if "nccl" in str(dist.get_backend()).lower() and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _store() -> dist.Store:
+    """The key-value store the process group was initialised with (env:// -> TCPStore)."""
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # noqa: BLE001 - private API; fall back to our own client of the same server
+        return dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+            is_master=False, timeout=datetime.timedelta(seconds=60),
+        )
+
+
+def _rendezvous_name() -> str:
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    return f"{addr}:{port}" if addr and port else "the default store"
+
+
+def preflight(timeout_s: float) -> None:
+    """Check that every rank is reachable: a store key per rank, then an all_reduce.
+
+    Call on every rank, after torch.distributed is initialised and before the model loads.
+    Without an initialised process group (a single process) there is nothing to check.
+    Raises RuntimeError naming the ranks that did not answer within `timeout_s` seconds.
+    """
+    global _preflight_calls
+    if timeout_s <= 0:
+        raise ValueError(f"preflight timeout must be positive, got {timeout_s}")
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world == 1:
+        return
+    _preflight_calls += 1
+    prefix = f"{_KEY_PREFIX}/{_preflight_calls}"
+    deadline = time.monotonic() + timeout_s
+    here = f"rank {rank} on {socket.gethostname()}"
+
+    # 1. The store: each rank announces itself; a rank that never arrives is named.
+    store = _store()
+    store.set(f"{prefix}/rank{rank}", f"{socket.gethostname()}:{os.getpid()}")
+    missing = list(range(world))
+    while True:
+        missing = [r for r in missing if not store.check([f"{prefix}/rank{r}"])]
+        if not missing:
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"preflight: rank(s) {_ranks(missing)} of world size {world} did not reach the "
+                f"rendezvous at {_rendezvous_name()} within {timeout_s:g}s (seen from {here}). "
+                "Check that they started and that their node reaches MASTER_ADDR:MASTER_PORT."
+            )
+        time.sleep(0.05)
+
+    # 2. The backend: a one-hot all_reduce proves data moves between every pair of ranks,
+    # which the store alone does not (e.g. a wrong network interface for gloo or NCCL).
+    flags = torch.zeros(world, dtype=torch.int32, device=_collective_device())
+    flags[rank] = 1
+    remaining = max(deadline - time.monotonic(), 1.0)
+    try:
+        work = dist.all_reduce(flags, async_op=True)
+        work.wait(timeout=datetime.timedelta(seconds=remaining))
+    except RuntimeError as err:
+        raise RuntimeError(
+            f"preflight: every rank reached the store, but an all_reduce over backend "
+            f"{dist.get_backend()} did not complete within {timeout_s:g}s (seen from {here}): "
+            f"{err}"
+        ) from err
+    absent = [r for r, flag in enumerate(flags.tolist()) if flag != 1]
+    if absent:
+        raise RuntimeError(
+            f"preflight: all_reduce completed without a contribution from rank(s) "
+            f"{_ranks(absent)} of world size {world} (seen from {here})"
+        )
+    if rank == 0:
+        log.info("preflight: all %d ranks reachable (%s)", world, _rendezvous_name())
+
+
+def _ranks(ranks: list[int]) -> str:
+    return ", ".join(str(r) for r in ranks)

@@ -1,0 +1,134 @@
+"""Stop every rank at the same step when the cluster warns of preemption, then requeue.
+
+SLURM sends a warning signal before it ends a job (`#SBATCH --signal=B:USR1@300` in
+launch/slurm/train.sbatch, forwarded to every rank; SIGTERM at the time limit or on
+preemption). The signal reaches ranks at different moments, so a rank must not act on it
+alone: the handler only sets a flag and `should_stop()`, called by every rank once per step
+at the same point, reduces the flags with MAX so all ranks see the same answer at the same
+step. The trainer then writes a checkpoint on all ranks, calls `requeue()`, and exits 0;
+the requeued job starts the same command with `checkpoint.resume=auto`.
+
+    guard = PreemptionGuard()
+    for step in ...:
+        train_step()
+        if guard.should_stop():
+            save_checkpoint(); guard.requeue(); return 0
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import threading
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+def _dist_ready() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _rank() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
+class PreemptionGuard:
+    """Turns a warning signal into a job-wide decision to stop, checkpoint and requeue.
+
+    Args:
+        signals: signals that mean "stop soon" (default SIGUSR1 and SIGTERM).
+        requeue_timeout_s: how long `scontrol requeue` may take before it is given up.
+    """
+
+    def __init__(self, signals=DEFAULT_SIGNALS, requeue_timeout_s: float = 60.0):
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("PreemptionGuard must be created in the main thread (signal handlers)")
+        self._received: int | None = None  # set by the handler, read by should_stop()
+        self._stop = False
+        self._requeue_timeout_s = requeue_timeout_s
+        self._previous = {}
+        for sig in signals:
+            self._previous[sig] = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame):  # noqa: ARG002
+        # Only a flag: the step in progress must finish, and ranks agree in should_stop().
+        self._received = signum
+
+    @property
+    def signal_received(self) -> int | None:
+        """The last warning signal this process received, or None."""
+        return self._received
+
+    @property
+    def preempted(self) -> bool:
+        """True once `should_stop()` has returned True (the same on every rank)."""
+        return self._stop
+
+    def should_stop(self) -> bool:
+        """Collective: True on every rank if any rank has received a warning signal.
+
+        Call once per step on every rank at the same point. Without torch.distributed
+        (one process) it only looks at the local flag. Once True it stays True.
+        """
+        local = self._received is not None
+        if _dist_ready():
+            device = torch.device("cpu")
+            if "nccl" in str(dist.get_backend()).lower() and torch.cuda.is_available():
+                device = torch.device("cuda", torch.cuda.current_device())
+            flag = torch.tensor([1 if local else 0], dtype=torch.int32, device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            decided = bool(flag.item())
+        else:
+            decided = local
+        if decided and not self._stop:
+            cause = signal.Signals(self._received).name if local else "a signal on another rank"
+            log.warning("rank %d: preemption warning (%s): stopping at this step", _rank(), cause)
+        self._stop = self._stop or decided
+        return self._stop
+
+    def requeue(self) -> None:
+        """Ask SLURM to requeue this job (rank 0 only; other ranks return at once).
+
+        Call after the checkpoint is complete. Outside SLURM (no SLURM_JOB_ID) it logs that
+        the run must be restarted by hand with `checkpoint.resume=auto`. A failure of
+        `scontrol` is logged as an error, not raised: the checkpoint is already safe.
+        """
+        if _rank() != 0:
+            return
+        job_id = os.environ.get("SLURM_JOB_ID")
+        if not job_id:
+            log.info("not running under SLURM (SLURM_JOB_ID unset): no requeue; "
+                     "restart with checkpoint.resume=auto to continue")
+            return
+        cmd = ["scontrol", "requeue", job_id]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=self._requeue_timeout_s)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            log.error("requeue of SLURM job %s failed: %s", job_id, err)
+            return
+        if done.returncode != 0:
+            log.error("requeue of SLURM job %s failed (exit %d): %s", job_id, done.returncode,
+                      (done.stderr or done.stdout).strip())
+            return
+        # The job's processes are ended by SLURM from here on: the log line may be the last.
+        log.warning("requeued SLURM job %s: it resumes from the latest checkpoint", job_id)
+
+    def close(self) -> None:
+        """Restore the signal handlers that were installed before this guard."""
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
+
+    def __enter__(self) -> "PreemptionGuard":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
