@@ -1,0 +1,21 @@
+"""hycam-ds data pipeline: five task sources -> packed, checksummed token shards -> a resumable reader.
+
+Data flows one way: raw records (sources/) -> normalised examples (examples.py) -> token ids
+with a loss boundary (encode.py) -> packed rows (packing.py) -> shards + manifest (shards.py,
+build.py) -> batches for each rank (reader.py). This package knows nothing of the model or of
+DeepSpeed; its output directory is the contract.
+"""
+from .build import build_dataset, iter_examples, split_of
+from .config import BuildConfig, Recipe, TaskSpec, load_recipe
+from .examples import BadRow, BuildError, Example
+from .mask import block_causal_mask
+from .reader import ShardReader
+from .shards import load_manifest, verify
+from .template import format_prompt
+from .tokenizer import load_tokenizer, tokenizer_fingerprint, train_sentencepiece
+
+__all__ = [
+    "BadRow", "BuildConfig", "BuildError", "Example", "Recipe", "ShardReader", "TaskSpec", "block_causal_mask",
+    "build_dataset", "format_prompt", "iter_examples", "load_manifest", "load_recipe", "load_tokenizer",
+    "split_of", "tokenizer_fingerprint", "train_sentencepiece", "verify",
+]

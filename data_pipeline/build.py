@@ -1,0 +1,253 @@
+"""The build: recipe -> normalised examples -> token ids -> packed rows -> shards + manifest.
+
+Everything is written into a temporary sibling of the output directory, which replaces the
+output only when the build has succeeded: a failed build leaves no partial directory and the
+previous output untouched.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from collections import deque
+from pathlib import Path
+from typing import Iterator
+
+from tqdm import tqdm
+
+from .config import SPLITS, BuildConfig, Recipe, load_recipe
+from .encode import ChunkEncoder, DocPolicy, assemble, template_tail_tokens
+from .examples import BadRow, BuildError, Example, RowReport
+from .packing import best_fit_decreasing
+from .shards import FORMAT, MANIFEST, VERSION, ShardWriter, sha256_file, token_dtype
+from .sources import read_source
+from .template import format_prompt
+from .tokenizer import load_tokenizer, tokenizer_fingerprint, train_sentencepiece
+
+
+def build_dataset(cfg: BuildConfig) -> str:
+    """Build the recipe into `cfg.out` atomically; returns the output directory."""
+    recipe = _resolve(load_recipe(cfg.recipe), cfg)
+    out = Path(cfg.out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.building-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        _build_into(tmp, recipe, cfg)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return str(out)
+
+
+def _resolve(recipe: Recipe, cfg: BuildConfig) -> Recipe:
+    """The recipe with the invocation's overrides applied: what the manifest records and hashes."""
+    if cfg.data_root is not None:
+        recipe.data_root = str(Path(cfg.data_root).resolve())
+    elif recipe.data_root is None:
+        recipe.data_root = str(Path.cwd())
+    recipe.seq_len = cfg.seq_len or recipe.seq_len
+    recipe.overlong = cfg.overlong or recipe.overlong
+    if cfg.tokenizer and cfg.train_tokenizer:
+        raise BuildError("give either --tokenizer or --train-tokenizer, not both")
+    if cfg.tokenizer:
+        recipe.tokenizer.path = str(Path(cfg.tokenizer).resolve())
+    elif cfg.train_tokenizer:
+        recipe.tokenizer.path = None
+    recipe.tokenizer.vocab_size = cfg.vocab_size or recipe.tokenizer.vocab_size
+    return recipe
+
+
+def split_of(example: Example, fractions: dict) -> str:
+    """The example's split, from a hash of its content: adding rows never moves old ones."""
+    key = "\0".join((example.task, example.instruction, example.input, example.output))
+    u = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "little") / 2.0 ** 64
+    acc = 0.0
+    for split in SPLITS:
+        acc += fractions.get(split, 0.0)
+        if u < acc:
+            return split
+    return next(s for s in reversed(SPLITS) if fractions.get(s, 0.0) > 0)
+
+
+def iter_examples(recipe: Recipe, report: RowReport, progress: bool = False) -> Iterator[Example]:
+    """All examples of the recipe in order, bad rows counted (or raised, in strict mode)."""
+    root, names = Path(recipe.data_root), recipe.task_names
+    bar = tqdm(desc="read", unit="ex", disable=not progress, mininterval=1.0)
+    for task in recipe.tasks:
+        for spec in task.sources:
+            for _, source, line, row in read_source(spec, task.name, root, names):
+                report.read(task.name)
+                bar.update()
+                if isinstance(row, BadRow):
+                    report.bad(task.name, source, line, row.reason, row.detail)
+                else:
+                    yield row
+    bar.close()
+
+
+def _prepare_tokenizer(out: Path, recipe: Recipe, cfg: BuildConfig):
+    """Put the tokenizer into OUT/tokenizer (trained here or copied from a backbone) and load it."""
+    target = out / "tokenizer"
+    if recipe.tokenizer.path:
+        load_tokenizer(recipe.tokenizer.path).save_pretrained(str(target))
+    else:
+        report = RowReport(recipe.task_names, strict=cfg.strict)  # counts come from the main pass
+        texts = (text for ex in iter_examples(recipe, report) if split_of(ex, recipe.splits) == "train"
+                 for text in (format_prompt(ex.instruction, ex.input), ex.output))
+        train_sentencepiece(texts, target, recipe.tokenizer.vocab_size, recipe.tokenizer.model_type,
+                            recipe.tokenizer.max_sentences)
+    tok = load_tokenizer(target)
+    if tok.eos_token_id is None:
+        raise BuildError(f"tokenizer {recipe.tokenizer.path or target} has no EOS token")
+    return tok
+
+
+def _build_into(out: Path, recipe: Recipe, cfg: BuildConfig) -> None:
+    tok = _prepare_tokenizer(out, recipe, cfg)
+    tail = template_tail_tokens(tok, lambda text: tok(text, add_special_tokens=False)["input_ids"])
+    policy = DocPolicy(recipe.seq_len, tok.bos_token_id if recipe.tokenizer.add_bos else None, tok.eos_token_id,
+                       recipe.overlong, recipe.min_response_tokens, recipe.response_share, tail, recipe.train_on_prompt)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    dtype = token_dtype(len(tok))
+    report = RowReport(recipe.task_names, strict=cfg.strict)
+    packer = _Packer(out, recipe, dtype, pad_id)
+    encoder = ChunkEncoder(str(out / "tokenizer"), cfg.workers)
+    try:
+        pending: deque = deque()
+        for ids, lengths in encoder.map(_chunks(iter_examples(recipe, report, cfg.progress), cfg.chunk_size, pending)):
+            chunk = pending.popleft()
+            _add_chunk(chunk, ids, lengths, policy, recipe, report, packer)
+    finally:
+        encoder.close()
+    splits = packer.close()
+    bad_rows = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in report.bad_rows)
+    (out / "bad_rows.jsonl").write_text(bad_rows)
+    manifest = _manifest(out, recipe, tok, dtype, pad_id, report, splits, packer)
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+
+
+def _chunks(examples: Iterator[Example], size: int, pending: deque) -> Iterator[list[tuple[str, str]]]:
+    """Fixed-size chunks of (prompt, response) texts; the examples wait in `pending`, in order."""
+    chunk: list[Example] = []
+    for ex in examples:
+        chunk.append(ex)
+        if len(chunk) == size:
+            pending.append(chunk)
+            yield [(format_prompt(e.instruction, e.input), e.output) for e in chunk]
+            chunk = []
+    if chunk:
+        pending.append(chunk)
+        yield [(format_prompt(e.instruction, e.input), e.output) for e in chunk]
+
+
+def _add_chunk(chunk, ids, lengths, policy, recipe, report, packer) -> None:
+    n = len(chunk)
+    offsets = [0]
+    for length in lengths:
+        offsets.append(offsets[-1] + int(length))
+    for i, ex in enumerate(chunk):
+        prompt, response = ids[offsets[i]:offsets[i + 1]], ids[offsets[n + i]:offsets[n + i + 1]]
+        tokens, loss_start, status = assemble(prompt, response, policy)
+        if tokens is None:
+            report.policy_drop(ex.task, status)
+            continue
+        counts = report.tasks[ex.task]
+        counts.kept += 1
+        counts.truncated += status == "truncated"
+        packer.add(split_of(ex, recipe.splits), packer.task_ids[ex.task], tokens, loss_start)
+
+
+class _Packer:
+    """Per (split, group) buffers of documents, packed every `pack_window` documents.
+
+    A group is "mixed" (every task of the split) or one task (recipe packing: per_task).
+    Also counts documents and tokens per (split, task) for the manifest.
+    """
+
+    def __init__(self, out: Path, recipe: Recipe, dtype, pad_id: int):
+        self.recipe = recipe
+        self.task_ids = {t.name: i for i, t in enumerate(recipe.tasks)}
+        self.groups = ["mixed"] if recipe.packing == "mixed" else recipe.task_names
+        self.buffers: dict = {}
+        self.writers = {(s, g): ShardWriter(out, s, g, recipe.seq_len, dtype, pad_id, recipe.shard_sequences)
+                        for s in SPLITS for g in self.groups}
+        self.lower_bound = {s: 0 for s in SPLITS}  # sum over windows of ceil(tokens / seq_len)
+        self.stats = {(s, t): {"documents": 0, "tokens": 0, "loss_tokens": 0} for s in SPLITS for t in recipe.task_names}
+
+    def add(self, split: str, task_id: int, tokens, loss_start: int) -> None:
+        group = "mixed" if self.recipe.packing == "mixed" else self.recipe.tasks[task_id].name
+        buf = self.buffers.setdefault((split, group), [])
+        buf.append((tokens, loss_start, task_id))
+        stats = self.stats[(split, self.recipe.tasks[task_id].name)]
+        stats["documents"] += 1
+        stats["tokens"] += len(tokens)
+        stats["loss_tokens"] += len(tokens) - loss_start
+        if len(buf) >= self.recipe.pack_window:
+            self._flush(split, group)
+
+    def _flush(self, split: str, group: str) -> None:
+        docs = self.buffers.pop((split, group), [])
+        if not docs:
+            return
+        lengths = [len(d[0]) for d in docs]
+        rows = best_fit_decreasing(lengths, self.recipe.seq_len)
+        self.lower_bound[split] += -(-sum(lengths) // self.recipe.seq_len)
+        self.writers[(split, group)].add_rows([[docs[i] for i in row] for row in rows])
+
+    def close(self) -> dict:
+        for key in list(self.buffers):
+            self._flush(*key)
+        return {s: [sh for g in self.groups for sh in self.writers[(s, g)].close()] for s in SPLITS}
+
+
+def _manifest(out: Path, recipe: Recipe, tok, dtype, pad_id, report: RowReport, splits: dict, packer) -> dict:
+    counts = report.summary()
+    tasks = []
+    for i, task in enumerate(recipe.tasks):
+        entry = {"name": task.name, "id": i, "weight": task.weight, **counts[task.name]}
+        for key in ("documents", "tokens", "loss_tokens"):
+            entry[key] = {s: packer.stats[(s, task.name)][key] for s in SPLITS}
+        tasks.append(entry)
+    split_info = {}
+    for s in SPLITS:
+        shards = splits[s]
+        seqs, toks = sum(sh["sequences"] for sh in shards), sum(sh["tokens"] for sh in shards)
+        split_info[s] = {
+            "sequences": seqs, "tokens": toks, "documents": sum(sh["documents"] for sh in shards),
+            "loss_tokens": sum(sh["loss_tokens"] for sh in shards),
+            "packing_efficiency": toks / (seqs * recipe.seq_len) if seqs else 1.0,
+            "lower_bound_sequences": packer.lower_bound[s],
+            "shards": shards,
+        }
+    all_seqs = sum(v["sequences"] for v in split_info.values())
+    files = sorted(str(p.relative_to(out)) for p in (out / "tokenizer").rglob("*") if p.is_file())
+    return {
+        "format": FORMAT, "version": VERSION, "name": recipe.name,
+        "seq_len": recipe.seq_len, "dtype": dtype.str, "pad_id": pad_id,
+        "bos_id": tok.bos_token_id if recipe.tokenizer.add_bos else None, "eos_id": tok.eos_token_id,
+        "vocab_size": len(tok), "packing": recipe.packing,
+        "tokenizer": {"path": "tokenizer", "fingerprint": tokenizer_fingerprint(tok),
+                      "trained_here": recipe.tokenizer.path is None, "source": recipe.tokenizer.path},
+        "recipe": recipe.to_dict(), "recipe_sha256": recipe.sha256(),
+        "tasks": tasks, "splits": split_info,
+        "packing_efficiency": sum(v["tokens"] for v in split_info.values()) / (all_seqs * recipe.seq_len) if all_seqs else 1.0,
+        "bad_rows": {"count": len(report.bad_rows), "path": "bad_rows.jsonl"},
+        "files": {rel: sha256_file(out / rel) for rel in files + ["bad_rows.jsonl"]},
+    }
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Swap the finished build into place; the old output is removed only after the swap."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,120 @@
+"""Normalised examples and the accounting of rows that could not become one.
+
+Every source adapter turns its raw records into `Example`s or raises `BadRow`; the build
+counts each bad row by reason with its file and line (`RowReport`), and `--strict` turns the
+first one into a `BuildError` carrying that same message.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any
+
+# The closed list of reasons a row can be dropped for. `too_long` and `prompt_too_long` come
+# from the over-long policy, not from bad input, so `--strict` does not stop on them.
+BAD_INPUT_REASONS = (
+    "malformed_json",   # the line (or file) is not valid JSON
+    "invalid_utf8",     # bytes that are not UTF-8
+    "missing_field",    # a required field is absent
+    "wrong_type",       # a field is present with a non-string value (or the row is not an object)
+    "empty_response",   # the output is empty or whitespace
+    "empty_prompt",     # instruction and input are both empty
+    "unknown_task",     # the row names a task that the recipe does not list
+)
+POLICY_REASONS = ("too_long", "prompt_too_long")
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One normalised example: the common form of all five tasks (alpaca fields + task)."""
+
+    task: str
+    instruction: str
+    input: str
+    output: str
+    source: str = ""  # file (or generator) it came from, for reports
+    line: int = 0     # 1-based line (or record number) in `source`
+
+
+class BadRow(Exception):
+    """Raised by an adapter for a record that cannot become an `Example`."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        assert reason in BAD_INPUT_REASONS, reason
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class BuildError(RuntimeError):
+    """A build that must stop (strict mode, bad recipe, missing file)."""
+
+
+def get_str(record: Any, key: str, required: bool = True, default: str = "") -> str:
+    """Field `key` of a raw record as a string, raising the `BadRow` that says why it is not one."""
+    if not isinstance(record, dict):
+        raise BadRow("wrong_type", f"row is a {type(record).__name__}, not an object")
+    if key not in record or record[key] is None:
+        if required:
+            raise BadRow("missing_field", key)
+        return default
+    value = record[key]
+    if not isinstance(value, str):
+        raise BadRow("wrong_type", f"{key} is {type(value).__name__}")
+    return check_utf8(value, key)
+
+
+def check_utf8(value: str, key: str) -> str:
+    """Sources decode with `surrogateescape`, so undecodable bytes surface here as lone surrogates."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise BadRow("invalid_utf8", f"{key} at character {err.start}") from None
+    return value
+
+
+def make_example(task: str, instruction: str, inp: str, output: str, source: str, line: int) -> Example:
+    """Build an `Example` after the checks every task shares (non-empty response and prompt)."""
+    if not output.strip():
+        raise BadRow("empty_response")
+    if not instruction.strip() and not inp.strip():
+        raise BadRow("empty_prompt")
+    return Example(task, instruction.strip(), inp.strip(), output.strip(), source, line)
+
+
+@dataclasses.dataclass
+class TaskCounts:
+    """Per-task counters that end up in the manifest."""
+
+    rows_read: int = 0
+    kept: int = 0
+    truncated: int = 0
+    dropped: dict = dataclasses.field(default_factory=collections.Counter)
+
+
+class RowReport:
+    """Counts rows per task and keeps every bad row with its file and line."""
+
+    def __init__(self, tasks: list[str], strict: bool = False):
+        self.strict = strict
+        self.tasks = {name: TaskCounts() for name in tasks}
+        self.bad_rows: list[dict] = []
+
+    def read(self, task: str) -> None:
+        self.tasks[task].rows_read += 1
+
+    def bad(self, task: str, source: str, line: int, reason: str, detail: str = "") -> None:
+        """Record a row dropped for bad input; in strict mode stop right here with its location."""
+        message = f"{source}:{line}: {reason}" + (f" ({detail})" if detail else "")
+        if self.strict:
+            raise BuildError(f"bad row (strict): {message}")
+        self.tasks[task].dropped[reason] += 1
+        self.bad_rows.append({"task": task, "file": source, "line": line, "reason": reason, "detail": detail})
+
+    def policy_drop(self, task: str, reason: str) -> None:
+        assert reason in POLICY_REASONS, reason
+        self.tasks[task].dropped[reason] += 1
+
+    def summary(self) -> dict:
+        return {name: {"rows_read": c.rows_read, "kept": c.kept, "truncated": c.truncated,
+                       "dropped": dict(sorted(c.dropped.items()))} for name, c in self.tasks.items()}

@@ -1,0 +1,131 @@
+"""Token shards on disk, their manifest, and verification.
+
+Layout of a build directory (the contract between the pipeline and the training engine):
+
+    OUT/manifest.json            everything below, with sha256 of every file
+    OUT/tokenizer/               the tokenizer (AutoTokenizer.from_pretrained loads it)
+    OUT/bad_rows.jsonl           one line per dropped bad row: task, file, line, reason, detail
+    OUT/<split>/<group>-NNNNN.bin packed rows: [sequences, seq_len] token ids, little-endian,
+                                  uint16 when the vocabulary fits, else uint32, padded with pad_id
+    OUT/<split>/<group>-NNNNN.idx documents: [documents, 5] int32 little-endian rows of
+                                  (row, start, length, loss_start, task_id), sorted by row, start
+
+<group> is "mixed" (default: all tasks of a split packed together, which fills the space that
+long documents leave with short ones of other tasks) or the task name (recipe packing: per_task).
+The first document of a row is its longest (best-fit-decreasing), and its task is the row's
+task for task sampling.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+MANIFEST = "manifest.json"
+FORMAT = "hycam-ds-packed-shards"
+VERSION = 1
+INDEX_DTYPE = np.dtype("<i4")
+INDEX_COLUMNS = ("row", "start", "length", "loss_start", "task_id")
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned dtype holding every token id (as Megatron chooses it)."""
+    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
+
+
+class ShardWriter:
+    """Writes one group's packed rows of one split as fixed-size shards, hashing as it writes."""
+
+    def __init__(self, out: Path, split: str, group: str, seq_len: int,
+                 dtype: np.dtype, pad_id: int, shard_sequences: int):
+        self.out, self.split, self.group = out, split, group
+        self.seq_len, self.dtype, self.pad_id, self.shard_sequences = seq_len, dtype, pad_id, shard_sequences
+        self.shards: list[dict] = []
+        self._rows: list[list[tuple[np.ndarray, int]]] = []
+
+    def add_rows(self, rows: list[list[tuple[np.ndarray, int]]]) -> None:
+        """Append packed rows; each row is a list of (tokens, loss_start, task_id) documents."""
+        self._rows.extend(rows)
+        while len(self._rows) >= self.shard_sequences:
+            self._write(self._rows[: self.shard_sequences])
+            self._rows = self._rows[self.shard_sequences:]
+
+    def close(self) -> list[dict]:
+        if self._rows:
+            self._write(self._rows)
+            self._rows = []
+        return self.shards
+
+    def _write(self, rows: list) -> None:
+        tokens = np.full((len(rows), self.seq_len), self.pad_id, dtype=self.dtype)
+        index = []
+        for r, docs in enumerate(rows):
+            start = 0
+            for doc, loss_start, task_id in docs:
+                tokens[r, start:start + len(doc)] = doc
+                index.append((r, start, len(doc), loss_start, task_id))
+                start += len(doc)
+        index_arr = np.asarray(index, dtype=INDEX_DTYPE).reshape(-1, len(INDEX_COLUMNS))
+        name = f"{self.split}/{self.group}-{len(self.shards):05d}"
+        (self.out / self.split).mkdir(parents=True, exist_ok=True)
+        self.shards.append({
+            "path": name + ".bin", "sha256": _write_file(self.out / (name + ".bin"), tokens.tobytes()),
+            "index_path": name + ".idx", "index_sha256": _write_file(self.out / (name + ".idx"), index_arr.tobytes()),
+            "sequences": len(rows),
+            "tokens": int(index_arr[:, 2].sum()), "documents": len(index_arr),
+            "loss_tokens": int((index_arr[:, 2] - np.minimum(index_arr[:, 3], index_arr[:, 2])).sum()),
+        })
+
+
+def _write_file(path: Path, data: bytes) -> str:
+    path.write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_manifest(out_dir: str | Path) -> dict:
+    """The manifest of a build directory, with a clear error when it is not one."""
+    path = Path(out_dir) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{out_dir} is not a data_pipeline build: cannot read {path}: {err}") from None
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise ValueError(f"{path}: unsupported format {manifest.get('format')!r} v{manifest.get('version')}")
+    return manifest
+
+
+def verify(out_dir: str | Path) -> list[str]:
+    """Re-check every file of the build against the manifest; returns the problems found."""
+    out_dir = Path(out_dir)
+    manifest = load_manifest(out_dir)
+    itemsize = np.dtype(manifest["dtype"]).itemsize
+    problems = []
+    for split, info in manifest["splits"].items():
+        for shard in info["shards"]:
+            expected_sizes = {shard["path"]: shard["sequences"] * manifest["seq_len"] * itemsize,
+                              shard["index_path"]: shard["documents"] * len(INDEX_COLUMNS) * INDEX_DTYPE.itemsize}
+            for key in ("path", "index_path"):
+                rel = shard[key]
+                path = out_dir / rel
+                digest = shard["sha256" if key == "path" else "index_sha256"]
+                if not path.is_file():
+                    problems.append(f"{rel}: missing")
+                elif path.stat().st_size != expected_sizes[rel]:
+                    problems.append(f"{rel}: size {path.stat().st_size} != {expected_sizes[rel]} (truncated or extended)")
+                elif sha256_file(path) != digest:
+                    problems.append(f"{rel}: sha256 mismatch (damaged)")
+    for rel, digest in manifest.get("files", {}).items():
+        path = out_dir / rel
+        if not path.is_file() or sha256_file(path) != digest:
+            problems.append(f"{rel}: missing or sha256 mismatch")
+    return problems
