@@ -4,7 +4,8 @@ WebGPT (`answers.json` + `docs-webgpt.json` + `docs-human.json`, aligned by `que
 gives two examples per question: the WebGPT answer with the WebGPT quotes, and the human
 answer with the human quotes. instruction = question, input = quotes as `[i] title\\ntext`
 joined by blank lines, output = the answer; empty answers are counted as `empty_response`.
-ClapNQ (JSONL): instruction = the query, input = passage title + text, output = last answer.
+ClapNQ (JSONL): instruction = the query, input = passage title + text, output = the last
+non-empty answer.
 """
 from __future__ import annotations
 
@@ -78,7 +79,9 @@ def _clapnq_example(record, task, source, line):
             raise BadRow("empty_response" if not outputs else "missing_field", "no passage or answer")
         passage = passages[0]
         title, text = get_str(passage, "title", required=False), get_str(passage, "text")
-        answer = get_str(outputs[-1], "answer")
+        # the last answer, as the README maps it; 10 rows end with an empty one: take the last non-empty
+        answers = [get_str(o, "answer") for o in outputs]
+        answer = next((a for a in reversed(answers) if a.strip()), "")
         return make_example(task, query, f"{title}\n{text}" if title else text, answer, source, line)
     except BadRow as bad:
         return bad
