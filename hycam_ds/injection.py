@@ -86,11 +86,10 @@ def apply_hycam(model: nn.Module, config: HyCAMConfig | None = None) -> nn.Modul
         setattr(layer, layout.attention, wrapper)
         if config.site == "residual":
             setattr(layer, layout.input_norm, LayerInputTap(getattr(layer, layout.input_norm), wrapper))
-        for param in hycam.router.parameters():
+        for param in hycam.parameters():
+            param.requires_grad_(True)
+        for param in hycam.router_parameters():
             param.requires_grad_(config.train_router)
-        for name, param in hycam.named_parameters():
-            if not name.startswith("router."):
-                param.requires_grad_(True)
     object.__setattr__(model, _STATE_ATTR, state)
     model.register_forward_pre_hook(_capture_token_mask, with_kwargs=True)
     return model

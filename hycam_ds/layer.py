@@ -13,11 +13,12 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import HyCAMConfig
 from .modulation import modulate
-from .router import NoiseState, Router
+from .router import NoiseState, route
 
 
 @dataclass
@@ -32,51 +33,71 @@ class HyCAMState:
 
 
 class HyCAMModulation(nn.Module):
-    """Shared CAM + N_s low-rank specialised CAMs (stacked, computed batched) + router."""
+    """Shared CAM + N_s low-rank specialised CAMs (stacked, computed batched) + router.
+
+    All parameters belong directly to this module (no submodules): ZeRO-3 gathers a module's own
+    parameters when its forward runs, and the forward reads them all at once. The three
+    projections of x (W_shared, every A_k, the router) are one matmul over concatenated weights:
+    small-output GEMMs ([d, N_s*r], [d, N_s]) run far below peak on their own.
+    """
 
     def __init__(self, hidden_size: int, config: HyCAMConfig, state: HyCAMState, layer_index: int):
         super().__init__()
-        n, r = config.num_specialized, config.rank
+        n, r, d = config.num_specialized, config.rank, hidden_size
         self.config = config
         self.layer_index = layer_index
-        self.shared = nn.Linear(hidden_size, hidden_size, bias=config.bias) if config.shared else None
-        # Expert k's A_k is columns [k*r, (k+1)*r) of spec_a: one matmul gives every expert's A_k x.
-        self.spec_a = nn.Parameter(torch.empty(hidden_size, n * r))
+        self.shared_weight = nn.Parameter(torch.empty(d, d)) if config.shared else None
+        self.shared_bias = nn.Parameter(torch.empty(d)) if config.shared and config.bias else None
+        self.spec_a = nn.Parameter(torch.empty(n * r, d))  # rows [k*r, (k+1)*r) are expert k's A_k
         self.spec_n = nn.Parameter(torch.empty(n, r, r))
-        self.spec_b = nn.Parameter(torch.empty(n, r, hidden_size))
-        self.router = Router(hidden_size, config)
+        self.spec_b = nn.Parameter(torch.empty(n, r, d))
+        self.router_weight = nn.Parameter(torch.empty(n, d))
+        self.router_bias = nn.Parameter(torch.empty(n)) if config.bias else None
         object.__setattr__(self, "_state", state)  # plain attribute: not a submodule, not saved
         self.last_routing: dict[str, torch.Tensor] = {}
         self.last_magnitudes: dict[str, torch.Tensor | None] = {}
         self.reset_parameters()
 
+    def router_parameters(self) -> list[nn.Parameter]:
+        return [p for p in (self.router_weight, self.router_bias) if p is not None]
+
     def reset_parameters(self) -> None:
         """SLoRA init: A_k and N_k as nn.Linear (kaiming-uniform, a=sqrt(5)); B_k and W_shared zero,
-        so that A = SiLU(0) = 0 and the adapted model equals the backbone at step 0."""
-        hidden, nr = self.spec_a.shape
-        n, r, _ = self.spec_n.shape
-        nn.init.uniform_(self.spec_a, -1 / math.sqrt(hidden), 1 / math.sqrt(hidden))
+        so that A = SiLU(0) = 0 and the adapted model equals the backbone at step 0. The router
+        is initialised as nn.Linear, its bias zero."""
+        n, r, d = self.spec_n.shape[0], self.spec_n.shape[1], self.spec_b.shape[-1]
+        nn.init.uniform_(self.spec_a, -1 / math.sqrt(d), 1 / math.sqrt(d))
         nn.init.uniform_(self.spec_n, -1 / math.sqrt(r), 1 / math.sqrt(r))
+        nn.init.uniform_(self.router_weight, -1 / math.sqrt(d), 1 / math.sqrt(d))
         nn.init.zeros_(self.spec_b)
-        if self.shared is not None:
-            nn.init.zeros_(self.shared.weight)
-            if self.shared.bias is not None:
-                nn.init.zeros_(self.shared.bias)
-        self.router.reset_parameters()
+        for p in (self.shared_weight, self.shared_bias, self.router_bias):
+            if p is not None:
+                nn.init.zeros_(p)
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """x [T, d] -> (u = x W_shared [T, d] or None, A_k x for all k [T, N*r], router logits [T, N])."""
+        weights = [w for w in (self.shared_weight, self.spec_a, self.router_weight) if w is not None]
+        bias = None
+        if self.config.bias:
+            parts = [self.shared_bias, x.new_zeros(self.spec_a.shape[0]), self.router_bias]
+            bias = torch.cat([b for b in parts if b is not None])
+        sizes = [w.shape[0] for w in weights]
+        parts = torch.split(F.linear(x, torch.cat(weights), bias), sizes, dim=-1)
+        return (None, *parts) if self.shared_weight is None else tuple(parts)
 
     def forward(self, x: torch.Tensor, h_att: torch.Tensor, h_in: torch.Tensor | None = None) -> torch.Tensor:
         cfg, state = self.config, self._state
         shape = h_att.shape
         x2 = x.reshape(-1, shape[-1])
-        weights, logits, hard = self.router(x2, state.noise, self.layer_index)
+        u, low_rank, logits = self._project(x2)
+        logits = logits.float()
+        weights, hard = route(logits, cfg, self.training, state.noise, self.layer_index)
         self.last_routing = {"weights": weights.view(*shape[:-1], -1), "logits": logits.view(*shape[:-1], -1)}
-        u = self.shared(x2) if self.shared is not None else None
-        mid = (x2 @ self.spec_a).view(x2.shape[0], cfg.num_specialized, cfg.rank)
-        mid = torch.einsum("tnr,nrs->tns", mid, self.spec_n)
+        mid = torch.einsum("tnr,nrs->tns", low_rank.reshape(-1, cfg.num_specialized, cfg.rank), self.spec_n)
         h2 = h_att.reshape(-1, shape[-1])
         target = h2 if cfg.site == "attention" else h2 + h_in.reshape(-1, shape[-1])
         stats: dict | None = {} if state.record_stats else None
-        out = h2 + modulate(target, u, mid, self.spec_b, weights, cfg.scaling, hard, stats)
+        out = h2 + modulate(target, u, mid, self.spec_b, weights.to(h2.dtype), cfg.scaling, hard, stats)
         self.last_magnitudes = stats or {}
         return out.view(shape)
 

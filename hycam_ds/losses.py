@@ -47,7 +47,7 @@ def balance_loss(model: nn.Module, token_mask=None, segment_ids=None) -> torch.T
     total = None
     for layer in layers:
         weights = layer.last_routing["weights"].float()
-        if torch.is_grad_enabled() and layer.training and layer.router.proj.weight.requires_grad and not weights.requires_grad:
+        if torch.is_grad_enabled() and layer.training and layer.router_weight.requires_grad and not weights.requires_grad:
             raise RuntimeError(
                 "balance_loss: the routing of the last forward carries no gradient. Reentrant gradient "
                 "checkpointing (use_reentrant=True) runs the forward without autograd, so the router "

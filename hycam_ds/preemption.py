@@ -53,6 +53,7 @@ class PreemptionGuard:
             raise RuntimeError("PreemptionGuard must be created in the main thread (signal handlers)")
         self._received: int | None = None  # set by the handler, read by should_stop()
         self._stop = False
+        self._checks = 0  # should_stop() calls: equal on all ranks at the same step
         self._requeue_timeout_s = requeue_timeout_s
         self._previous = {}
         for sig in signals:
@@ -79,6 +80,7 @@ class PreemptionGuard:
         (one process) it only looks at the local flag. Once True it stays True.
         """
         local = self._received is not None
+        self._checks += 1
         if _dist_ready():
             device = torch.device("cpu")
             if "nccl" in str(dist.get_backend()).lower() and torch.cuda.is_available():
@@ -90,7 +92,8 @@ class PreemptionGuard:
             decided = local
         if decided and not self._stop:
             cause = signal.Signals(self._received).name if local else "a signal on another rank"
-            log.warning("rank %d: preemption warning (%s): stopping at this step", _rank(), cause)
+            log.warning("rank %d: preemption warning (%s): stopping at step check %d of this process",
+                        _rank(), cause, self._checks)
         self._stop = self._stop or decided
         return self._stop
 

@@ -1,4 +1,4 @@
-"""Token router: Gumbel-softmax weights over the specialised modules, and its noise source.
+"""Token routing: Gumbel-softmax weights over the specialised modules, and its noise source.
 
 The Gumbel noise is drawn from a generator re-seeded from (seed, forward count, layer) at every
 call rather than from one running generator. Two reasons: gradient checkpointing re-runs the
@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .config import HyCAMConfig
 
@@ -40,28 +39,18 @@ def gumbel_noise(shape: torch.Size, generator: torch.Generator, device, dtype=to
     return -torch.log(exponential)
 
 
-class Router(nn.Module):
-    """logits = x W_r (+ b): one score per specialised module, per token."""
+def route(logits: torch.Tensor, config: HyCAMConfig, training: bool, noise: NoiseState, layer_index: int) -> tuple[torch.Tensor, bool]:
+    """Router logits [T, N] (fp32) -> (routing weights [T, N] in fp32, whether they are hard).
 
-    def __init__(self, hidden_size: int, config: HyCAMConfig):
-        super().__init__()
-        self.proj = nn.Linear(hidden_size, config.num_specialized, bias=config.bias)
-        self.config = config
-
-    def reset_parameters(self) -> None:
-        self.proj.reset_parameters()
-        if self.proj.bias is not None:
-            nn.init.zeros_(self.proj.bias)
-
-    def forward(self, x: torch.Tensor, noise: NoiseState, layer_index: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """Returns (routing weights [T, N] in x's dtype, router logits [T, N] in fp32, hard)."""
-        cfg = self.config
-        logits = self.proj(x).float()
-        mode = cfg.routing if self.training else {"softmax": "soft", "argmax": "hard", "sample": cfg.routing}[cfg.eval_routing]
-        sample = self.training or cfg.eval_routing == "sample"
-        scores = logits
-        if sample:
-            generator = noise.generator(layer_index, logits.device)
-            scores = logits + gumbel_noise(logits.shape, generator, logits.device)
-        weights = F.softmax(scores / cfg.tau, dim=-1)
-        return weights.to(x.dtype), logits, mode == "hard"
+    Training: Gumbel-softmax at temperature tau (hard = one-hot of its argmax, straight-through).
+    Eval: per config.eval_routing, noise-free softmax(logits / tau) by default."""
+    if training:
+        mode, sample = config.routing, True
+    else:
+        mode = {"softmax": "soft", "argmax": "hard", "sample": config.routing}[config.eval_routing]
+        sample = config.eval_routing == "sample"
+    scores = logits
+    if sample:
+        generator = noise.generator(layer_index, logits.device)
+        scores = logits + gumbel_noise(logits.shape, generator, logits.device)
+    return F.softmax(scores / config.tau, dim=-1), mode == "hard"

@@ -52,13 +52,13 @@ def _reference_hooks(model, config):
         def modulate(module, args, kwargs, output, index=index, p=hycam):
             x = kwargs["hidden_states"]
             h = output[0]
-            logits = F.linear(x, p["router.proj.weight"], p.get("router.proj.bias"))
+            logits = F.linear(x, p["router_weight"], p.get("router_bias"))
             weights = torch.softmax(logits / config["tau"], dim=-1)
-            shared = F.silu(F.linear(x, p["shared.weight"], p.get("shared.bias"))) if "shared.weight" in p else 0
+            shared = F.silu(F.linear(x, p["shared_weight"], p.get("shared_bias"))) if "shared_weight" in p else 0
             specialised = 0
             n, r = p["spec_n"].shape[0], p["spec_n"].shape[1]
             for k in range(n):
-                a_k = p["spec_a"][:, k * r:(k + 1) * r]
+                a_k = p["spec_a"][k * r:(k + 1) * r].t()
                 z = ((x @ a_k) @ p["spec_n"][k]) @ p["spec_b"][k]
                 specialised = specialised + weights[..., k:k + 1] * F.silu(config["scale"] * z)
             a = shared + specialised
@@ -104,8 +104,12 @@ def _autograd_reference(target, u, mid, spec_b, weights, scale, hard):
 
 @pytest.mark.parametrize("hard", [False, True])
 @pytest.mark.parametrize("with_shared", [True, False])
-def test_fused_modulation_gradients(hard, with_shared):
+@pytest.mark.parametrize("chunk_elements", [1 << 20, 80])
+def test_fused_modulation_gradients(hard, with_shared, chunk_elements, monkeypatch):
+    from hycam_ds import modulation
     from hycam_ds.modulation import modulate
+
+    monkeypatch.setattr(modulation, "_CPU_CHUNK_ELEMENTS", chunk_elements)  # 80: 2 rows per chunk
 
     g = torch.Generator().manual_seed(3)
     t, n, r, d = 11, 5, 3, 7
@@ -140,7 +144,7 @@ def test_training_changes_only_hycam_and_router_learns():
         ids = _ids(seed=step)
         loss = model(ids, labels=ids).loss  # LM loss only: the router must learn from it
         loss.backward()
-        router_grads.append(sum(layer.router.proj.weight.grad.abs().sum().item() for layer in hycam_layers(model)))
+        router_grads.append(sum(layer.router_weight.grad.abs().sum().item() for layer in hycam_layers(model)))
         optimizer.step()
         optimizer.zero_grad()
     for name, p in model.named_parameters():
@@ -164,8 +168,8 @@ def test_balance_loss_hand_computed():
     model = H.apply_hycam(build_backbone("tiny-llama", VOCAB), H.HyCAMConfig(bias=True))
     with torch.no_grad():
         for layer in hycam_layers(model):
-            layer.router.proj.weight.zero_()
-            layer.router.proj.bias.copy_(torch.log(torch.arange(1.0, 6.0)))
+            layer.router_weight.zero_()
+            layer.router_bias.copy_(torch.log(torch.arange(1.0, 6.0)))
     model.eval()
     model(_ids())
     expected = 2 * sum(k**3 for k in range(1, 6)) / (15 * 55)
