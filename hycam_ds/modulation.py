@@ -28,9 +28,9 @@ def _row_chunk(rows: int, experts: int, hidden: int, device: torch.device) -> in
     return max(1, min(rows, _CPU_CHUNK_ELEMENTS // (experts * hidden)))
 
 
-def _expert_outputs(mid: torch.Tensor, spec_b: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """[T, N, r] x [N, r, d] -> (SiLU(z), sigmoid(z)), each [N, T, d], z = scale * mid_k B_k."""
-    z = torch.bmm(mid.transpose(0, 1), spec_b).mul_(scale)
+def _expert_outputs(mid: torch.Tensor, scaled_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, N, r] x [N, r, d] -> (SiLU(z), sigmoid(z)), each [N, T, d], z = mid_k (scale * B_k)."""
+    z = torch.bmm(mid.transpose(0, 1), scaled_b)
     sig = torch.sigmoid(z)
     return z.mul_(sig), sig
 
@@ -44,17 +44,19 @@ def _specialised_mix(mid, spec_b, weights, scale, one_hot):
         return F.silu((masked @ spec_b.flatten(0, 1)).mul_(scale), inplace=True)
     rows, experts = mid.shape[0], mid.shape[1]
     step = _row_chunk(rows, experts, spec_b.shape[-1], mid.device)
-    out = mid.new_empty(rows, spec_b.shape[-1])
+    scaled_b = spec_b * scale
+    mid_by_expert = mid.transpose(0, 1)
+    out = mid.new_empty(rows, 1, spec_b.shape[-1])
     for start in range(0, rows, step):
         chunk = slice(start, start + step)
-        z = torch.bmm(mid[chunk].transpose(0, 1), spec_b).mul_(scale)
-        out[chunk] = torch.einsum("tn,ntd->td", weights[chunk], F.silu(z, inplace=True))
-    return out
+        experts_out = F.silu(torch.bmm(mid_by_expert[:, chunk], scaled_b), inplace=True)  # [N, t, d]
+        torch.bmm(weights[chunk].unsqueeze(1), experts_out.transpose(0, 1), out=out[chunk])
+    return out.squeeze(1)
 
 
-def _backward_rows(grad_out, target, u, mid, spec_b, weights, scale):
+def _backward_rows(grad_out, target, u, mid, spec_b, scaled_b, weights, scale):
     """Gradients for one chunk of token rows; spec_b's gradient is returned for summation."""
-    experts, sig = _expert_outputs(mid, spec_b, scale)  # recomputed: nothing [N, T, d] was saved
+    experts, sig = _expert_outputs(mid, scaled_b)  # recomputed: nothing [N, T, d] was saved
     modulation = torch.einsum("tn,ntd->td", weights, experts)
     grad_u = None
     if u is not None:
@@ -65,7 +67,7 @@ def _backward_rows(grad_out, target, u, mid, spec_b, weights, scale):
     if u is not None:
         # SiLU'(u) = sig(u) * (1 + u * (1 - sig(u)))
         grad_u = torch.addcmul(sig_u, sig_u, u * (1 - sig_u)).mul_(grad_modulation)
-    grad_weights = torch.bmm(experts.transpose(0, 1), grad_modulation.unsqueeze(-1)).squeeze(-1)
+    grad_weights = (experts * grad_modulation).sum(-1).t()  # 4x faster than the equivalent bmm on CPU
     # SiLU'(z) = sig + SiLU(z) * (1 - sig), computed in place over the expert outputs.
     grad_z = experts.addcmul_(experts, sig, value=-1).add_(sig)
     grad_z.mul_(grad_modulation.unsqueeze(0)).mul_((weights.t() * scale).unsqueeze(-1))
@@ -104,9 +106,10 @@ class _ModulateFn(torch.autograd.Function):
         rows = target.shape[0]
         step = _row_chunk(rows, mid.shape[1], target.shape[1], target.device)
         grads = [torch.empty_like(target), torch.empty_like(u) if u is not None else None, torch.empty_like(mid), None, torch.empty_like(mix_weights)]
+        scaled_b = spec_b * ctx.scale
         for start in range(0, rows, step):
             chunk = slice(start, start + step)
-            part = _backward_rows(grad_out[chunk], target[chunk], None if u is None else u[chunk], mid[chunk], spec_b, mix_weights[chunk], ctx.scale)
+            part = _backward_rows(grad_out[chunk], target[chunk], None if u is None else u[chunk], mid[chunk], spec_b, scaled_b, mix_weights[chunk], ctx.scale)
             for index, value in enumerate(part):
                 if index == 3:
                     grads[3] = value if grads[3] is None else grads[3].add_(value)
