@@ -25,7 +25,8 @@ _CHOICES = {
 @dataclass
 class HyCAMConfig:
     num_specialized: int = 5
-    """N_s: number of specialised low-rank CAM modules (experts) mixed by the router."""
+    """N_s: number of specialised low-rank CAM modules (experts) mixed by the router.
+    0 = the shared CAM alone (the "cam" baseline: no experts, no router, no balance loss)."""
 
     rank: int = 8
     """r: rank of each specialised module (A_k: d->r, N_k: r->r, B_k: r->d)."""
@@ -70,10 +71,12 @@ class HyCAMConfig:
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"HyCAMConfig.{name}={value!r}: expected one of {allowed}")
-        for name in ("num_specialized", "rank"):
+        for name, low in (("num_specialized", 0), ("rank", 1)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"HyCAMConfig.{name}={value!r}: expected an integer >= 1")
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"HyCAMConfig.{name}={value!r}: expected an integer >= {low}")
+        if self.num_specialized == 0 and not self.shared:
+            raise ValueError("HyCAMConfig: num_specialized=0 with shared=False leaves no modulation at all")
         if not self.tau > 0:
             raise ValueError(f"HyCAMConfig.tau={self.tau!r}: expected a temperature > 0")
         if self.balance_weight < 0:

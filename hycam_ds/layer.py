@@ -48,29 +48,31 @@ class HyCAMModulation(nn.Module):
         self.layer_index = layer_index
         self.shared_weight = nn.Parameter(torch.empty(d, d)) if config.shared else None
         self.shared_bias = nn.Parameter(torch.empty(d)) if config.shared and config.bias else None
-        self.spec_a = nn.Parameter(torch.empty(n * r, d))  # rows [k*r, (k+1)*r) are expert k's A_k
-        self.spec_n = nn.Parameter(torch.empty(n, r, r))
-        self.spec_b = nn.Parameter(torch.empty(n, r, d))
-        self.router_weight = nn.Parameter(torch.empty(n, d))
-        self.router_bias = nn.Parameter(torch.empty(n)) if config.bias else None
+        experts = n > 0
+        self.spec_a = nn.Parameter(torch.empty(n * r, d)) if experts else None  # rows [k*r, (k+1)*r): A_k
+        self.spec_n = nn.Parameter(torch.empty(n, r, r)) if experts else None
+        self.spec_b = nn.Parameter(torch.empty(n, r, d)) if experts else None
+        self.router_weight = nn.Parameter(torch.empty(n, d)) if experts else None
+        self.router_bias = nn.Parameter(torch.empty(n)) if experts and config.bias else None
         object.__setattr__(self, "_state", state)  # plain attribute: not a submodule, not saved
         self.last_routing: dict[str, torch.Tensor] = {}
         self.last_magnitudes: dict[str, torch.Tensor | None] = {}
         self.reset_parameters()
 
     def router_parameters(self) -> list[nn.Parameter]:
+        """The router's weight and bias (empty without experts)."""
         return [p for p in (self.router_weight, self.router_bias) if p is not None]
 
     def reset_parameters(self) -> None:
         """SLoRA init: A_k and N_k as nn.Linear (kaiming-uniform, a=sqrt(5)); B_k and W_shared zero,
         so that A = SiLU(0) = 0 and the adapted model equals the backbone at step 0. The router
         is initialised as nn.Linear, its bias zero."""
-        n, r, d = self.spec_n.shape[0], self.spec_n.shape[1], self.spec_b.shape[-1]
-        nn.init.uniform_(self.spec_a, -1 / math.sqrt(d), 1 / math.sqrt(d))
-        nn.init.uniform_(self.spec_n, -1 / math.sqrt(r), 1 / math.sqrt(r))
-        nn.init.uniform_(self.router_weight, -1 / math.sqrt(d), 1 / math.sqrt(d))
-        nn.init.zeros_(self.spec_b)
-        for p in (self.shared_weight, self.shared_bias, self.router_bias):
+        if self.spec_a is not None:
+            d, r = self.spec_a.shape[1], self.config.rank
+            nn.init.uniform_(self.spec_a, -1 / math.sqrt(d), 1 / math.sqrt(d))
+            nn.init.uniform_(self.spec_n, -1 / math.sqrt(r), 1 / math.sqrt(r))
+            nn.init.uniform_(self.router_weight, -1 / math.sqrt(d), 1 / math.sqrt(d))
+        for p in (self.spec_b, self.shared_weight, self.shared_bias, self.router_bias):
             if p is not None:
                 nn.init.zeros_(p)
 
@@ -79,8 +81,10 @@ class HyCAMModulation(nn.Module):
         weights = [w for w in (self.shared_weight, self.spec_a, self.router_weight) if w is not None]
         bias = None
         if self.config.bias:
-            parts = [self.shared_bias, x.new_zeros(self.spec_a.shape[0]), self.router_bias]
+            parts = [self.shared_bias, None if self.spec_a is None else x.new_zeros(self.spec_a.shape[0]), self.router_bias]
             bias = torch.cat([b for b in parts if b is not None])
+        if self.spec_a is None:  # shared CAM alone
+            return F.linear(x, self.shared_weight, bias), None, None
         sizes = [w.shape[0] for w in weights]
         parts = torch.split(F.linear(x, torch.cat(weights), bias), sizes, dim=-1)
         return (None, *parts) if self.shared_weight is None else tuple(parts)
@@ -90,12 +94,16 @@ class HyCAMModulation(nn.Module):
         shape = h_att.shape
         x2 = x.reshape(-1, shape[-1])
         u, low_rank, logits = self._project(x2)
+        h2 = h_att.reshape(-1, shape[-1])
+        target = h2 if cfg.site == "attention" else h2 + h_in.reshape(-1, shape[-1])
+        if logits is None:  # shared CAM alone: no experts to route
+            shared = F.silu(u)
+            self.last_magnitudes = {"shared_magnitude": shared.detach().abs().mean().float(), "specialized_magnitude": None} if state.record_stats else {}
+            return torch.addcmul(h2, target, shared).view(shape)
         logits = logits.float()
         weights, hard = route(logits, cfg, self.training, state.noise, self.layer_index)
         self.last_routing = {"weights": weights.view(*shape[:-1], -1), "logits": logits.view(*shape[:-1], -1)}
         mid = torch.einsum("tnr,nrs->tns", low_rank.reshape(-1, cfg.num_specialized, cfg.rank), self.spec_n)
-        h2 = h_att.reshape(-1, shape[-1])
-        target = h2 if cfg.site == "attention" else h2 + h_in.reshape(-1, shape[-1])
         stats: dict | None = {} if state.record_stats else None
         out = h2 + modulate(target, u, mid, self.spec_b, weights.to(h2.dtype), cfg.scaling, hard, stats)
         self.last_magnitudes = stats or {}

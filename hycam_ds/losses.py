@@ -41,7 +41,10 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tenso
 
 def balance_loss(model: nn.Module, token_mask=None, segment_ids=None) -> torch.Tensor:
     """Auxiliary loss of the last forward, summed over layers (a scalar tensor with gradient)."""
-    layers = [layer for layer in hycam_layers(getattr(model, "module", model)) if layer.last_routing]
+    all_layers = hycam_layers(getattr(model, "module", model))
+    if all_layers and all(layer.router_weight is None for layer in all_layers):
+        return torch.zeros((), device=all_layers[0].shared_weight.device)  # shared CAM alone: nothing to balance
+    layers = [layer for layer in all_layers if layer.last_routing]
     if not layers:
         raise RuntimeError("balance_loss: no HyCAM forward has run yet")
     total = None

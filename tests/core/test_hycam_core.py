@@ -319,8 +319,28 @@ def test_config_validation():
     with pytest.raises(ValueError, match="routing"):
         H.HyCAMConfig(routing="top2")
     with pytest.raises(ValueError, match="num_specialized"):
-        H.HyCAMConfig(num_specialized=0)
+        H.HyCAMConfig(num_specialized=-1)
+    with pytest.raises(ValueError, match="no modulation"):
+        H.HyCAMConfig(num_specialized=0, shared=False)
     with pytest.raises(ValueError, match="tau"):
         H.HyCAMConfig(tau=0)
     with pytest.raises(ValueError, match="unknown field"):
         H.HyCAMConfig.from_dict({"rnak": 4})
+
+
+def test_shared_cam_alone_baseline():
+    """num_specialized=0 is the "cam" baseline: h + h * SiLU(x W_shared), no router."""
+    cfg = H.HyCAMConfig(num_specialized=0)
+    plain = build_backbone("tiny-llama", VOCAB)
+    model = H.apply_hycam(build_backbone("tiny-llama", VOCAB), cfg)
+    _randomise_hycam(model)
+    names = [n.split(".")[-1] for n, _ in H.hycam_named_parameters(model)]
+    assert set(names) == {"shared_weight"}
+    params = [{n: p.detach().clone() for n, p in layer.named_parameters()} for layer in hycam_layers(model)]
+    for layer_params in params:
+        layer_params.update(router_weight=torch.zeros(1, 64), spec_n=torch.zeros(0, 1, 1), spec_a=torch.zeros(0, 64), spec_b=torch.zeros(0, 1, 64))
+    _reference_hooks(plain, {"params": params, "tau": 1.0, "scale": 1.0, "site": "attention"})
+    ids = _ids()
+    model.eval(), plain.eval()
+    torch.testing.assert_close(model(ids).logits, plain(ids).logits, atol=1e-5, rtol=1e-5)
+    assert H.balance_loss(model).item() == 0.0
