@@ -19,6 +19,8 @@
 #   LOCAL_SLURM_SLURMD_PORT slurmd port                                        [6818]
 #   LOCAL_SLURM_TIMEOUT     seconds to wait for each daemon / the node         [60]
 #   LOCAL_SLURM_APT_TIMEOUT seconds allowed for the apt install                [600]
+#   LOCAL_SLURM_CRED_EXPIRE seconds a requeued job waits before it may restart [10]
+#   LOCAL_SLURM_MUNGE_DIR   munged socket/pid/log directory       [/run/hycam-ds-munge-<hash of state dir>]
 set -euo pipefail
 
 STATE_DIR="${LOCAL_SLURM_DIR:-${TMPDIR:-/tmp}/hycam-ds-slurm}"
@@ -27,10 +29,14 @@ CTLD_PORT="${LOCAL_SLURM_CTLD_PORT:-6817}"
 SLURMD_PORT="${LOCAL_SLURM_SLURMD_PORT:-6818}"
 TIMEOUT="${LOCAL_SLURM_TIMEOUT:-60}"
 APT_TIMEOUT="${LOCAL_SLURM_APT_TIMEOUT:-600}"
+CRED_EXPIRE="${LOCAL_SLURM_CRED_EXPIRE:-10}"
 NODE=localhost
 
 CONF="$STATE_DIR/slurm.conf"
-MUNGE_DIR="$STATE_DIR/munge"
+# munged runs as the munge user, which cannot enter a private (0700) state directory such
+# as pytest's, and a socket path must stay under ~100 characters: keep its files in /run,
+# named after the state directory so that two clusters never share them.
+MUNGE_DIR="${LOCAL_SLURM_MUNGE_DIR:-/run/hycam-ds-munge-$(printf %s "$STATE_DIR" | cksum | cut -d' ' -f1)}"
 MUNGE_SOCKET="$MUNGE_DIR/munge.socket"
 MUNGE_PID="$MUNGE_DIR/munged.pid"
 CTLD_PID="$STATE_DIR/run/slurmctld.pid"
@@ -47,6 +53,7 @@ check_int LOCAL_SLURM_CTLD_PORT "$CTLD_PORT"
 check_int LOCAL_SLURM_SLURMD_PORT "$SLURMD_PORT"
 check_int LOCAL_SLURM_TIMEOUT "$TIMEOUT"
 check_int LOCAL_SLURM_APT_TIMEOUT "$APT_TIMEOUT"
+check_int LOCAL_SLURM_CRED_EXPIRE "$CRED_EXPIRE"
 [[ -z "${LOCAL_SLURM_CPUS:-}" ]] || check_int LOCAL_SLURM_CPUS "$LOCAL_SLURM_CPUS"
 
 # Every client command below must talk to *this* cluster, whatever the caller exported.
@@ -119,7 +126,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 # A requeued job waits cred_expire seconds before it may start again (120 s by default).
-AuthInfo=socket=$MUNGE_SOCKET,cred_expire=${LOCAL_SLURM_CRED_EXPIRE:-10}
+AuthInfo=socket=$MUNGE_SOCKET,cred_expire=$CRED_EXPIRE
 CredType=cred/munge
 MpiDefault=none
 MailProg=/bin/true
@@ -139,6 +146,9 @@ MinJobAge=600
 KillWait=10
 InactiveLimit=0
 JobRequeue=1
+# Schedule often: a requeued job is only started by a periodic pass once its begin time is
+# reached (default passes are 30-60 s apart, which would dominate the tests' run time).
+SchedulerParameters=sched_interval=2,bf_interval=2
 StateSaveLocation=$STATE_DIR/state
 SlurmdSpoolDir=$STATE_DIR/spool
 SlurmctldPidFile=$CTLD_PID
@@ -230,6 +240,7 @@ cmd_stop() {
     stop_daemon "$SLURMD_PID" slurmd
     stop_daemon "$CTLD_PID" slurmctld
     stop_daemon "$MUNGE_PID" munged
+    [[ -d "$MUNGE_DIR" ]] && ! pid_alive "$MUNGE_PID" munged && rm -rf "$MUNGE_DIR"
     log "stopped"
 }
 

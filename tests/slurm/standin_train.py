@@ -7,8 +7,7 @@ One process per rank (torch.distributed over gloo, rendezvous from the environme
 rank 0 writes RUN_DIR/metrics.jsonl ({"step", "loss", "rank_losses"}), checkpoints under
 RUN_DIR/checkpoints/step_XXXXXXXX/ with the pointer RUN_DIR/checkpoints/latest, logs
 "resumed from step N". On a preemption warning every rank stops at the same step, saves,
-requeues, exits 0. STANDIN_FAIL_RANK=r makes rank r raise at step STANDIN_FAIL_STEP (2).
-STANDIN_STEP_SECONDS (0.3) slows steps down so a test can signal a running job.
+requeues, exits 0. STANDIN_STEP_SECONDS (0.3) slows steps down so a test can signal a running job.
 """
 from __future__ import annotations
 
@@ -72,8 +71,6 @@ def main(argv) -> int:
     run_dir = Path(cfg["run_dir"])
     max_steps, save_every = int(cfg["optim.max_steps"]), int(cfg["checkpoint.save_every"])
     step_seconds = float(os.environ.get("STANDIN_STEP_SECONDS", "0.3"))
-    fail_rank = int(os.environ.get("STANDIN_FAIL_RANK", "-1"))
-    fail_step = int(os.environ.get("STANDIN_FAIL_STEP", "2"))
     torch.manual_seed(0)
     weight = torch.ones(4)
     step = 0
@@ -84,8 +81,6 @@ def main(argv) -> int:
         print(f"rank {rank}: resumed from step {step}", flush=True)
 
     while step < max_steps:
-        if rank == fail_rank and step == fail_step:
-            raise RuntimeError(f"injected failure on rank {rank} at step {step}")
         time.sleep(step_seconds)
         x = torch.randn(8, 4, generator=torch.Generator().manual_seed(step * world + rank))
         loss = ((x @ weight) ** 2).mean()

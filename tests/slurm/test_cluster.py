@@ -1,0 +1,148 @@
+"""launch/slurm/train.sbatch on a real local SLURM cluster: a 2-task job completes, a
+preempted job checkpoints, requeues and resumes, a job with a failing rank fails fast.
+
+The entry point is TRAIN_ENTRY (default launch/train.py, the real trainer);
+TRAIN_ENTRY=tests/slurm/standin_train.py runs the same tests against the stand-in.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SBATCH_SCRIPT = REPO / "launch" / "slurm" / "train.sbatch"
+pytestmark = pytest.mark.slurm
+
+ENTRY = os.environ.get("TRAIN_ENTRY", "launch/train.py")
+STANDIN = ENTRY.endswith("standin_train.py")
+INJECT = Path(__file__).resolve().parent / "inject"
+# Small runs: a few steps of the embedded default on 2 CPU ranks.
+MAX_STEPS = int(os.environ.get("HYCAM_TEST_SLURM_STEPS", "30" if STANDIN else "12"))
+JOB_TIMEOUT = float(os.environ.get("HYCAM_TEST_SLURM_JOB_TIMEOUT", "400"))
+
+
+def _job_env(cluster, run_dir: Path, **extra) -> dict:
+    env = dict(cluster.env, TRAIN_ENTRY=ENTRY, HYCAM_REPO=str(REPO), HYCAM_RUN_DIR=str(run_dir),
+               HYCAM_DIST_TIMEOUT_S="120")
+    if STANDIN:  # the stand-in ignores the DeepSpeed config; any file satisfies the check
+        env["HYCAM_DS_CONFIG"] = str(SBATCH_SCRIPT)
+    env.update(extra)
+    return env
+
+
+def _submit(cluster, tmp_path, env, *overrides) -> str:
+    if not (REPO / ENTRY).exists():
+        pytest.fail(f"TRAIN_ENTRY {ENTRY} does not exist")
+    return cluster.sbatch(
+        "--ntasks-per-node=2", "--gres=gpu:2", "--cpus-per-task=1", "--time=20",
+        f"--output={tmp_path}/job-%j.out", f"--chdir={REPO}", str(SBATCH_SCRIPT),
+        f"optim.max_steps={MAX_STEPS}", *overrides, env=env,
+    )
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _log(tmp_path, job_id) -> str:
+    path = Path(tmp_path) / f"job-{job_id}.out"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def test_local_cluster_start_is_idempotent(slurm_cluster):
+    t0 = time.monotonic()
+    slurm_cluster.run("bash", str(REPO / "launch/slurm/local_cluster.sh"), "start")
+    assert time.monotonic() - t0 < 15
+    status = slurm_cluster.run("bash", str(REPO / "launch/slurm/local_cluster.sh"), "status")
+    assert "slurmd: running" in status.stdout and "node localhost: idle" in status.stdout
+
+
+def test_two_task_job_completes(slurm_cluster, tmp_path):
+    run_dir = tmp_path / "run"
+    t0 = time.monotonic()
+    job = _submit(slurm_cluster, tmp_path, _job_env(slurm_cluster, run_dir))
+    info = slurm_cluster.wait(job, JOB_TIMEOUT)
+    log = _log(tmp_path, job)
+    print(f"\n2-task job {job}: {info['JobState']} in {time.monotonic() - t0:.1f}s")
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log
+    assert info["NumTasks"] == "2"
+    metrics = _metrics(run_dir)
+    assert [m["step"] for m in metrics] == list(range(1, MAX_STEPS + 1)), log
+    assert all(math.isfinite(m["loss"]) for m in metrics)
+    assert "preflight: all 2 ranks reachable" in log
+    # Both ranks trained: every step's loss is reduced over the 2 ranks.
+    if STANDIN:
+        assert all(len(m["rank_losses"]) == 2 for m in metrics)
+    assert (run_dir / "checkpoints" / "latest").exists()
+    assert info["Restarts"] == "0"  # a normal end does not requeue
+
+
+def test_preemption_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path):
+    run_dir = tmp_path / "run"
+    t0 = time.monotonic()
+    job = _submit(slurm_cluster, tmp_path, _job_env(slurm_cluster, run_dir),
+                  f"checkpoint.save_every={10 * MAX_STEPS}")
+    # Warn the job once it is a few steps in (and well before its end).
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while len(_metrics(run_dir)) < 3:
+        assert time.monotonic() < deadline, _log(tmp_path, job)
+        assert slurm_cluster.job(job)["JobState"] in ("PENDING", "RUNNING"), _log(tmp_path, job)
+        time.sleep(0.2)
+    steps_before_signal = len(_metrics(run_dir))
+    assert steps_before_signal < MAX_STEPS - 2, "the job ran too fast to be preempted mid-run"
+    slurm_cluster.run("scancel", "--batch", "--signal=USR1", job)
+    t_signal = time.monotonic()
+
+    info = slurm_cluster.wait(job, JOB_TIMEOUT)
+    log = _log(tmp_path, job)
+    print(f"\npreempted job {job}: {info['JobState']} in {time.monotonic() - t0:.1f}s "
+          f"(signal after {t_signal - t0:.1f}s at step {steps_before_signal})")
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log
+    assert info["Restarts"] == "1", log  # requeued exactly once; the second end did not requeue
+
+    # Every rank stopped at the same step.
+    stops = re.findall(r"rank (\d+): preemption warning \(\w+\): stopping at step check (\d+)", log)
+    assert sorted(r for r, _ in stops) == ["0", "1"], log
+    assert len({check for _, check in stops}) == 1, stops
+
+    # Resumed from the checkpoint written at the preemption.
+    resumed = {int(n) for n in re.findall(r"resumed from step (\d+)", log)}
+    assert len(resumed) == 1, log
+    (resume_step,) = resumed
+    assert steps_before_signal <= resume_step < MAX_STEPS
+    metrics = _metrics(run_dir)
+    steps = [m["step"] for m in metrics]
+    assert sorted(set(steps)) == list(range(1, MAX_STEPS + 1)), steps  # same final step count
+    assert steps[-1] == MAX_STEPS
+    # Steps done after the checkpoint and redone after the resume: at most one.
+    assert len(steps) - MAX_STEPS <= 1, steps
+    assert all(math.isfinite(m["loss"]) for m in metrics)
+
+
+def test_failing_rank_ends_the_job_quickly(slurm_cluster, tmp_path):
+    run_dir = tmp_path / "run"
+    env = _job_env(slurm_cluster, run_dir, HYCAM_TEST_FAIL_RANK="1",
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(INJECT), os.environ.get("PYTHONPATH")])))
+    t0 = time.monotonic()
+    job = _submit(slurm_cluster, tmp_path, env, f"optim.max_steps={100 * MAX_STEPS}")
+    info = slurm_cluster.wait(job, JOB_TIMEOUT)
+    log = _log(tmp_path, job)
+    elapsed = time.monotonic() - t0
+    first_step = len(_metrics(run_dir))
+    print(f"\nfailing-rank job {job}: {info['JobState']} in {elapsed:.1f}s ({first_step} steps logged)")
+    assert info["JobState"] == "FAILED", log
+    assert "injected failure on rank 1" in log
+    assert info["Restarts"] == "0"
+    # Ended by --kill-on-bad-exit within seconds of the failure, not by a collective timeout.
+    assert first_step < 100 * MAX_STEPS
+    assert elapsed < 120 + (0 if STANDIN else 120), log
