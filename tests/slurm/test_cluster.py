@@ -146,3 +146,21 @@ def test_failing_rank_ends_the_job_quickly(slurm_cluster, tmp_path):
     # Ended by --kill-on-bad-exit within seconds of the failure, not by a collective timeout.
     assert first_step < 100 * MAX_STEPS
     assert elapsed < 120 + (0 if STANDIN else 120), log
+
+
+def test_hanging_rank_ends_the_job_within_the_timeout(slurm_cluster, tmp_path):
+    run_dir = tmp_path / "run"
+    timeout_s = 20
+    env = _job_env(slurm_cluster, run_dir, HYCAM_TEST_FAIL_RANK="1", HYCAM_TEST_FAIL_MODE="hang",
+                   HYCAM_DIST_TIMEOUT_S=str(timeout_s),
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(INJECT), os.environ.get("PYTHONPATH")])))
+    t0 = time.monotonic()
+    job = _submit(slurm_cluster, tmp_path, env, f"optim.max_steps={100 * MAX_STEPS}")
+    info = slurm_cluster.wait(job, JOB_TIMEOUT)
+    log = _log(tmp_path, job)
+    print(f"\nhanging-rank job {job}: {info['JobState']} in {time.monotonic() - t0:.1f}s "
+          f"(collective timeout {timeout_s}s)")
+    assert "injected hang on rank 1" in log
+    # Rank 0's collective times out, it exits non-zero, and srun kills the stopped rank.
+    assert info["JobState"] == "FAILED", log
+    assert time.monotonic() - t0 < 4 * timeout_s + (0 if STANDIN else 120), log

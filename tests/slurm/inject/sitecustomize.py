@@ -1,6 +1,7 @@
 """Fault injection for the SLURM tests, loaded by every python started with this folder on
 PYTHONPATH. On the rank named by HYCAM_TEST_FAIL_RANK it raises a RuntimeError in the main
-thread once training is under way (RUN_DIR/metrics.jsonl exists), whatever the trainer is."""
+thread once training is under way (RUN_DIR/metrics.jsonl exists), whatever the trainer is.
+HYCAM_TEST_FAIL_MODE=hang stops that rank instead (SIGSTOP): it neither exits nor answers."""
 import os
 
 _rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID"))
@@ -17,7 +18,11 @@ if _rank is not None and _rank == os.environ.get("HYCAM_TEST_FAIL_RANK"):
         deadline = time.monotonic() + float(os.environ.get("HYCAM_TEST_FAIL_AFTER_S", "300"))
         while not os.path.exists(marker) and time.monotonic() < deadline:
             time.sleep(0.1)
-        signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR2)
+        if os.environ.get("HYCAM_TEST_FAIL_MODE", "raise") == "hang":
+            print(f"injected hang on rank {_rank}", flush=True)
+            os.kill(os.getpid(), signal.SIGSTOP)
+        else:
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR2)
 
     signal.signal(signal.SIGUSR2, _raise)
     threading.Thread(target=_watch, daemon=True).start()
