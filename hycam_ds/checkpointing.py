@@ -1,0 +1,185 @@
+"""Atomic, complete checkpoints of a DeepSpeed run, and finding the latest one.
+
+    run_dir/checkpoints/
+        step_00000050/          a complete checkpoint (only complete ones carry this name)
+            engine/             DeepSpeed's files (trainable parameters, optimizer, scheduler)
+            trainer_state.json  step, data reader position, Gumbel noise counter, config
+            rng/rank_00000.json python, numpy and torch RNG states of each rank
+            manifest.json       size and sha256 of every file above, written last
+        latest                  the name of the newest complete checkpoint, replaced atomically
+
+Every rank writes into `.staging-step_XXXXXXXX`; after a barrier rank 0 hashes the files,
+writes the manifest, renames the directory into place and only then moves the `latest`
+pointer. A kill at any moment leaves either the previous checkpoint as latest or the new one
+complete. DeepSpeed's own `latest` file is never written (it is written before the shards).
+Loading verifies the manifest first: a truncated or modified file is refused before anything
+is deserialised, so a planted file is never unpickled.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+CHECKPOINT_NAME = re.compile(r"^step_(\d{8})$")
+POINTER = "latest"
+MANIFEST = "manifest.json"
+ENGINE_TAG = "engine"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be trusted or found; the message names the file."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def staging_dir(root: Path, step: int) -> Path:
+    return root / f".staging-{checkpoint_name(step)}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's python, numpy and torch RNG states as JSON-safe values."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    return {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+        "cuda": [base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8) for s in state["cuda"]])
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_rank_files(stage: Path, rank: int, trainer_state: dict[str, Any] | None) -> None:
+    """What every rank adds beside DeepSpeed's files: its RNG state (and, rank 0, the trainer state)."""
+    (stage / "rng").mkdir(parents=True, exist_ok=True)
+    write_json_atomic(stage / "rng" / f"rank_{rank:05d}.json", rng_state())
+    if trainer_state is not None:
+        write_json_atomic(stage / "trainer_state.json", trainer_state)
+
+
+def publish(root: Path, step: int, keep_last: int, before_rename: Callable[[], None] | None = None) -> Path:
+    """Rank 0, after every rank finished writing the staging directory: manifest, rename, pointer, prune."""
+    stage, final = staging_dir(root, step), root / checkpoint_name(step)
+    files = sorted(p for p in stage.rglob("*") if p.is_file())
+    manifest = {"step": step, "files": {str(p.relative_to(stage)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}}
+    _fsync_tree(stage)
+    write_json_atomic(stage / MANIFEST, manifest)
+    if before_rename is not None:
+        before_rename()
+    if final.exists():  # a checkpoint of the same step from an earlier attempt: replace it whole
+        shutil.rmtree(final)
+    os.replace(stage, final)
+    _write_pointer(root, final.name)
+    prune(root, keep_last)
+    return final
+
+
+def _write_pointer(root: Path, name: str) -> None:
+    tmp = root / f".{POINTER}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, root / POINTER)
+
+
+def prune(root: Path, keep_last: int) -> None:
+    """Delete old complete checkpoints beyond keep_last, and staging leftovers of killed saves."""
+    complete = sorted(p for p in root.iterdir() if p.is_dir() and CHECKPOINT_NAME.match(p.name))
+    for old in complete[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    for leftover in root.glob(".staging-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def verify(checkpoint: Path) -> dict[str, Any]:
+    """Check a checkpoint against its manifest; returns the manifest or raises CheckpointError."""
+    manifest_path = checkpoint / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{checkpoint}: incomplete checkpoint (no {MANIFEST})")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{manifest_path}: unreadable ({err})") from None
+    for rel, meta in manifest.get("files", {}).items():
+        path = (checkpoint / rel).resolve()
+        if not path.is_relative_to(checkpoint.resolve()):
+            raise CheckpointError(f"{manifest_path}: file {rel!r} points outside the checkpoint")
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing from checkpoint")
+        if path.stat().st_size != meta["bytes"] or _sha256(path) != meta["sha256"]:
+            raise CheckpointError(f"{path}: does not match the checkpoint manifest (damaged or modified)")
+    present = {str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*") if p.is_file()} - {MANIFEST}
+    unexpected = sorted(present - set(manifest.get("files", {})))
+    if unexpected:
+        raise CheckpointError(f"{checkpoint / unexpected[0]}: file not in the checkpoint manifest (planted?)")
+    return manifest
+
+
+def resolve_checkpoint(run_dir: Path, resume: str) -> Path | None:
+    """`resume`: none | auto (the pointer of run_dir/checkpoints, None if there is none) | a path.
+    A path must be a checkpoint directory inside run_dir/checkpoints, never elsewhere."""
+    root = (run_dir / "checkpoints").resolve()
+    if resume == "none":
+        return None
+    if resume == "auto":
+        pointer = root / POINTER
+        if not pointer.is_file():
+            return None
+        name = pointer.read_text().strip()
+        if not CHECKPOINT_NAME.match(name):
+            raise CheckpointError(f"{pointer}: names {name!r}, not a checkpoint of this run")
+        candidate = root / name
+    else:
+        candidate = Path(resume).resolve()
+        if candidate.parent != root or not CHECKPOINT_NAME.match(candidate.name):
+            raise CheckpointError(f"checkpoint.resume={resume!r}: not a checkpoint directory of this run ({root}/step_XXXXXXXX)")
+    if not candidate.is_dir():
+        raise CheckpointError(f"{candidate}: no such checkpoint")
+    return candidate

@@ -1,0 +1,80 @@
+"""Backbone loading (ZeRO-3-partitioned from the start) and the adaptation methods compared.
+
+    hycam  the paper: HyCAM on every attention module, backbone frozen
+    cam    the shared CAM alone (HyCAMConfig(num_specialized=0)), backbone frozen
+    lora   PEFT LoRA on q, k, v, o, backbone frozen
+    full   every backbone parameter trains
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.integrations import HfDeepSpeedConfig
+
+from .backbones import backbone_config
+from .injection import apply_hycam, hycam_parameters
+from .train_config import TrainConfig
+
+
+class BackboneLoader:
+    """Keeps transformers' DeepSpeed hook alive while models load: under ZeRO-3,
+    `from_pretrained` / `from_config` then build every parameter inside `deepspeed.zero.Init`,
+    so no rank ever holds the whole backbone."""
+
+    def __init__(self, ds_config: dict[str, Any]):
+        stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+        self._hf_ds_config = HfDeepSpeedConfig(ds_config) if stage == 3 else None
+
+    def load(self, cfg: TrainConfig, vocab_size: int | None, dtype: torch.dtype) -> PreTrainedModel:
+        model_cfg = cfg.model
+        if model_cfg.path is not None:
+            return AutoModelForCausalLM.from_pretrained(model_cfg.path, dtype=dtype, attn_implementation=model_cfg.attn_implementation)
+        if vocab_size is None:
+            raise ValueError("a backbone built in code needs the tokenizer's vocabulary size")
+        config = backbone_config(model_cfg.name, vocab_size, attn_implementation=model_cfg.attn_implementation)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(model_cfg.seed)
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def adapt(model: PreTrainedModel, cfg: TrainConfig) -> tuple[nn.Module, list[nn.Parameter]]:
+    """Apply the configured method; returns (model to train, its trainable parameters)."""
+    if cfg.method in ("hycam", "cam"):
+        apply_hycam(model, cfg.hycam)
+        params = hycam_parameters(model)
+    elif cfg.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        for p in model.parameters():
+            p.requires_grad_(False)
+        lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                          target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora)
+        params = [p for p in model.parameters() if p.requires_grad]
+    elif cfg.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        params = list(model.parameters())
+    else:  # validated earlier; kept for readers of this function
+        raise ValueError(f"method {cfg.method!r}")
+    if cfg.model.gradient_checkpointing:
+        # Non-reentrant: the reentrant variant runs forward without autograd, which would cut
+        # the router off from the balance loss (hycam_ds.losses says so if it happens).
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.enable_input_require_grads()
+    return model, params
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; ZeRO-3 partitions report their full size (ds_numel)."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = int(getattr(p, "ds_numel", p.numel()))
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total

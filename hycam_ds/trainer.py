@@ -1,0 +1,399 @@
+"""The training recipe: setup -> fit -> evaluate -> save_checkpoint -> export.
+
+Runs one process per rank (the deepspeed launcher, srun, torchrun, or plain python for one
+rank). The backbone is loaded already partitioned under ZeRO-3, frozen; only the method's
+parameters train. Loss = LM loss over the response tokens of the whole optimizer step (all
+micro-batches and ranks, weighted by token count) + balance_weight * the router's balance loss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from . import checkpointing as ckpt
+from .ds_config import resolve_ds_config, write_json, zero_stage
+from .injection import hycam_layers, load_noise_state_dict, noise_state_dict, set_noise_seed, set_record_stats
+from .losses import balance_loss
+from .methods import BackboneLoader, adapt, count_parameters
+from .stats import routing_stats
+from .telemetry import CollapseDetector, Telemetry, routing_scalars
+from .train_config import TrainConfig
+
+log = logging.getLogger("hycam_ds.trainer")
+
+
+def ensure_distributed_env() -> None:
+    """Let `python launch/train.py` run as a single rank without a launcher."""
+    if "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def data_cache_key(cfg: TrainConfig) -> str:
+    recipe = Path(cfg.data.recipe)
+    described = {"recipe": recipe.read_text(), "seq_len": cfg.data.seq_len, "vocab_size": cfg.data.vocab_size,
+                 "tokenizer": cfg.model.path, "data_root": cfg.data.data_root}
+    return f"{recipe.stem}-{hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:12]}"
+
+
+@dataclass
+class StepResult:
+    lm_loss: float
+    balance_loss: float
+    tokens: int
+    input_tokens: int
+    task_loss: dict[str, float] = field(default_factory=dict)
+    finite: bool = True
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, ds_raw: dict[str, Any]):
+        self.cfg = cfg
+        self.ds_raw = ds_raw
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.step = 0
+        self.skipped_steps = 0
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        import deepspeed
+
+        from .distributed import init_timeout, preflight
+
+        ensure_distributed_env()
+        deepspeed.init_distributed(timeout=init_timeout())
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        preflight(timeout_s=init_timeout().total_seconds())
+        seed_everything(self.cfg.optim.seed + self.rank)
+        self.bf16 = self._resolve_bf16()
+        self.ds_config = resolve_ds_config(self.ds_raw, self.cfg, self.world, self.bf16)
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_json(self.run_dir / "config.json", self.cfg.to_dict())
+            write_json(self.run_dir / "ds_config.json", self.ds_config)
+        self.build_data()
+        self.build_model()
+        self.telemetry = Telemetry(self.run_dir, self.rank == 0, self.cfg.logging.tensorboard,
+                                   CollapseDetector(self.cfg.logging.collapse_threshold, self.cfg.logging.collapse_patience))
+        self.maybe_resume()
+
+    def _resolve_bf16(self) -> bool:
+        precision = self.cfg.optim.precision
+        if precision == "auto":
+            return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return precision == "bf16"
+
+    def build_data(self) -> None:
+        from data_pipeline import BuildConfig, ShardReader, build_dataset, load_tokenizer, tokenizer_fingerprint
+
+        data_dir = self.cfg.data.dir
+        if data_dir is None:
+            data_dir = str(Path(self.cfg.data.cache_dir) / data_cache_key(self.cfg))
+            if self.rank == 0 and not (Path(data_dir) / "manifest.json").is_file():
+                log.info("building %s into %s", self.cfg.data.recipe, data_dir)
+                build_dataset(BuildConfig(recipe=self.cfg.data.recipe, out=data_dir, data_root=self.cfg.data.data_root,
+                                          tokenizer=self.cfg.model.path, train_tokenizer=self.cfg.model.path is None,
+                                          vocab_size=self.cfg.data.vocab_size, seq_len=self.cfg.data.seq_len))
+            dist.barrier()
+        self.data_dir = Path(data_dir)
+        tokenizer_path = self.cfg.model.path or str(self.data_dir / "tokenizer")
+        self.tokenizer = load_tokenizer(tokenizer_path)
+        fingerprint = tokenizer_fingerprint(self.tokenizer)
+        self.reader = ShardReader(self.data_dir, "train", self.rank, self.world, self.cfg.optim.micro_batch_size,
+                                  seed=self.cfg.data.seed, tokenizer_fingerprint=fingerprint,
+                                  task_sampling=self.cfg.data.task_sampling, temperature=self.cfg.data.temperature)
+        self.fingerprint = fingerprint
+        self.tasks = self.reader.tasks
+
+    def build_model(self) -> None:
+        import deepspeed
+
+        dtype = torch.bfloat16 if self.bf16 else torch.float32
+        loader = BackboneLoader(self.ds_config)
+        backbone = loader.load(self.cfg, len(self.tokenizer), dtype)
+        model, params = adapt(backbone, self.cfg)
+        self.trainable, self.total = count_parameters(model)
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=self.ds_config)
+        self._loader = loader  # keep the HfDeepSpeedConfig alive as long as the model
+        self.model = self.engine.module
+        self.is_hycam = bool(hycam_layers(self.model))
+        if self.is_hycam:
+            set_noise_seed(self.model, self.cfg.hycam.seed + 7919 * self.rank)  # every rank its own noise
+        if self.rank == 0:
+            log.info("method=%s: %s trainable of %s parameters (%.3f%%), ZeRO stage %d, %s, world %d",
+                     self.cfg.method, f"{self.trainable:,}", f"{self.total:,}", 100 * self.trainable / self.total,
+                     zero_stage(self.ds_config), "bf16" if self.bf16 else "fp32", self.world)
+
+    # ------------------------------------------------------------------ checkpoints
+    def maybe_resume(self) -> None:
+        checkpoint = ckpt.resolve_checkpoint(self.run_dir, self.cfg.checkpoint.resume)
+        if checkpoint is None:
+            return
+        ckpt.verify(checkpoint)
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        if state["world_size"] != self.world:
+            raise ckpt.CheckpointError(f"{checkpoint}: saved with {state['world_size']} ranks, this job has {self.world}; "
+                                       "ZeRO partitions cannot be reused across world sizes here")
+        self.engine.load_checkpoint(str(checkpoint), tag=ckpt.ENGINE_TAG, load_module_strict=False)
+        self.reader.load_state_dict(state["reader"])
+        if self.is_hycam:
+            noise = state["noise"]
+            noise["seed"] = self.cfg.hycam.seed + 7919 * self.rank
+            noise["forward_count"] = state["noise_forward_counts"][self.rank]
+            load_noise_state_dict(self.model, noise)
+        ckpt.set_rng_state(json.loads((checkpoint / "rng" / f"rank_{self.rank:05d}.json").read_text()))
+        self.step = state["step"]
+        self.skipped_steps = state.get("skipped_steps", 0)
+        if self.rank == 0:
+            log.info("resumed from step %d (%s)", self.step, checkpoint)
+
+    def save_checkpoint(self) -> None:
+        stage = ckpt.staging_dir(self.ckpt_root, self.step)
+        if self.rank == 0:
+            stage.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        self.engine.save_checkpoint(str(stage), tag=ckpt.ENGINE_TAG, save_latest=False, exclude_frozen_parameters=True)
+        counts = self._gather_ints(noise_state_dict(self.model)["forward_count"] if self.is_hycam else 0)
+        state = None
+        if self.rank == 0:
+            state = {"step": self.step, "world_size": self.world, "reader": self.reader.state_dict(),
+                     "noise": noise_state_dict(self.model) if self.is_hycam else None, "noise_forward_counts": counts,
+                     "skipped_steps": self.skipped_steps, "config": self.cfg.to_dict(), "data_dir": str(self.data_dir)}
+        ckpt.write_rank_files(stage, self.rank, state)
+        dist.barrier()
+        if self.rank == 0:
+            final = ckpt.publish(self.ckpt_root, self.step, self.cfg.checkpoint.keep_last)
+            log.info("checkpoint %s", final)
+        dist.barrier()
+
+    def _gather_ints(self, value: int) -> list[int]:
+        tensor = torch.zeros(self.world, dtype=torch.int64)
+        tensor[self.rank] = value
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    # ------------------------------------------------------------------ one step
+    def forward_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token LM losses [B, L-1] (0 where no loss) and the bool mask of loss tokens."""
+        from data_pipeline import block_causal_mask
+
+        device = self.engine.device
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = self.engine(input_ids=batch["input_ids"], attention_mask=block_causal_mask(batch["segment_ids"]),
+                             position_ids=batch["position_ids"], use_cache=False).logits
+        labels = batch["labels"][:, 1:]
+        losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels.clamp_min(0), reduction="none")
+        mask = labels != -100
+        return losses * mask, mask
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepResult:
+        world, accum = self.world, len(micro_batches)
+        local_tokens = sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro_batches)
+        local_inputs = sum(int((mb["segment_ids"] > 0).sum()) for mb in micro_batches)
+        global_tokens, global_inputs = self._all_reduce_sum(torch.tensor([float(local_tokens), float(local_inputs)])).tolist()
+        task_sums = torch.zeros(len(self.tasks), 2, dtype=torch.float64)
+        lm_sum, balance_sum = 0.0, 0.0
+        weight = self.cfg.hycam.balance_weight if self.is_hycam else 0.0
+        for mb in micro_batches:
+            losses, mask = self.forward_losses(mb)
+            token_sum = losses.sum()
+            # DeepSpeed divides by accum (backward) and averages over ranks: scaling by
+            # world * accum / global_tokens makes the gradient sum(token losses) / global_tokens.
+            loss = token_sum * (world * accum / max(global_tokens, 1.0))
+            if weight > 0:
+                bal = balance_loss(self.model, segment_ids=mb["segment_ids"].to(losses.device))
+                loss = loss + weight * bal
+                balance_sum += float(bal.detach())
+            self.engine.backward(loss)
+            self.engine.step()
+            lm_sum += float(token_sum.detach())
+            tasks = mb["task_ids"][:, 1:].to(losses.device)[mask]
+            task_sums[:, 0] += torch.bincount(tasks, weights=losses.detach()[mask].double(), minlength=len(self.tasks)).cpu()
+            task_sums[:, 1] += torch.bincount(tasks, minlength=len(self.tasks)).double().cpu()
+        totals = self._all_reduce_sum(torch.cat([torch.tensor([lm_sum, balance_sum / accum]), task_sums.flatten().float()]))
+        task_totals = totals[2:].view(len(self.tasks), 2)
+        task_loss = {t: float(task_totals[i, 0] / task_totals[i, 1]) for i, t in enumerate(self.tasks) if task_totals[i, 1] > 0}
+        lm = float(totals[0]) / max(global_tokens, 1.0)
+        return StepResult(lm_loss=lm, balance_loss=float(totals[1]) / world, tokens=int(global_tokens),
+                          input_tokens=int(global_inputs), task_loss=task_loss,
+                          finite=math.isfinite(lm))
+
+    def _all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.clone()
+        if self.world > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+    # ------------------------------------------------------------------ fit
+    def fit(self) -> str:
+        """Train to optim.max_steps (or stop_at_step / a preemption). Returns how it ended."""
+        from tqdm import tqdm
+
+        from .preemption import PreemptionGuard
+
+        cfg = self.cfg
+        guard = PreemptionGuard()
+        batches: Iterator = iter(self.reader)
+        stop_at = cfg.optim.stop_at_step or cfg.optim.max_steps
+        bar = tqdm(total=cfg.optim.max_steps, initial=self.step, desc=f"train {cfg.method}", unit="step",
+                   disable=self.rank != 0 or not cfg.logging.progress, dynamic_ncols=True)
+        outcome = "completed"
+        try:
+            while self.step < stop_at:
+                started = time.perf_counter()
+                record = self.step % cfg.logging.log_every == 0 or self.step + 1 == stop_at
+                if self.is_hycam:
+                    set_record_stats(self.model, record)
+                result = self.train_step([next(batches) for _ in range(cfg.optim.grad_accum)])
+                self.step += 1
+                elapsed = time.perf_counter() - started
+                if record:
+                    self.log_step(result, elapsed)
+                bar.update(1)
+                bar.set_postfix(loss=f"{result.lm_loss:.4f}")
+                if cfg.logging.eval_every and self.step % cfg.logging.eval_every == 0 and self.step < cfg.optim.max_steps:
+                    self.evaluate()
+                if guard.should_stop():
+                    outcome = "preempted"
+                    break
+                if cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0 and self.step < stop_at:
+                    self.save_checkpoint()
+            self.save_checkpoint()
+            if outcome == "preempted":
+                guard.requeue()
+            elif self.step < cfg.optim.max_steps:
+                outcome = "stopped"
+        finally:
+            bar.close()
+            guard.close()
+        return outcome
+
+    def log_step(self, result: StepResult, elapsed: float) -> None:
+        scalars = {"train/loss": result.lm_loss + self.cfg.hycam.balance_weight * result.balance_loss * self.is_hycam,
+                   "train/lm_loss": result.lm_loss, "train/balance_loss": result.balance_loss,
+                   "train/lr": float(self.engine.get_lr()[0]), "train/tokens_per_s": result.input_tokens / max(elapsed, 1e-9),
+                   "train/loss_tokens": result.tokens, "train/skipped_steps": self.skipped_steps}
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            scalars["train/grad_norm"] = float(grad_norm)
+        scalars.update({f"train/task/{t}/loss": v for t, v in result.task_loss.items()})
+        if self.is_hycam and hycam_layers(self.model)[0].router_weight is not None:
+            stats = routing_stats(self.model)
+            scalars.update(routing_scalars(stats))
+            self.telemetry.observe_routing(self.step, stats)
+        self.telemetry.log(self.step, scalars)
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self) -> dict[str, float]:
+        """Per-task held-out loss and perplexity on the eval split (all ranks take part)."""
+        from tqdm import tqdm
+
+        from data_pipeline import ShardReader
+
+        reader = ShardReader(self.data_dir, "eval", self.rank, self.world, self.cfg.optim.micro_batch_size,
+                             tokenizer_fingerprint=self.fingerprint, drop_last=False)
+        batches = list(reader)
+        if self.cfg.logging.eval_batches is not None:
+            batches = batches[: self.cfg.logging.eval_batches]
+        # ZeRO-3 gathers parameters collectively: every rank must run the same number of forwards.
+        rounds = int(self._all_reduce_max(len(batches)))
+        layers = hycam_layers(self.model)
+        routed = self.is_hycam and layers[0].router_weight is not None
+        sums = torch.zeros(len(self.tasks), 2, dtype=torch.float64)
+        routing = torch.zeros(len(layers), len(self.tasks), self.cfg.hycam.num_specialized + 1, dtype=torch.float64) if routed else None
+        self.engine.eval()
+        with torch.no_grad():
+            for i in tqdm(range(rounds), desc="eval", disable=self.rank != 0 or not self.cfg.logging.progress, leave=False):
+                real = i < len(batches)
+                batch = batches[i] if real else self._padding_batch()
+                losses, mask = self.forward_losses(batch)
+                if not real:
+                    continue
+                tasks = batch["task_ids"][:, 1:].to(losses.device)[mask]
+                sums[:, 0] += torch.bincount(tasks, weights=losses[mask].double(), minlength=len(self.tasks)).cpu()
+                sums[:, 1] += torch.bincount(tasks, minlength=len(self.tasks)).double().cpu()
+                if routed:
+                    self._accumulate_routing(routing, layers, batch)
+        self.engine.train()
+        sums = self._all_reduce_sum(sums)
+        metrics: dict[str, float] = {}
+        for i, task in enumerate(self.tasks):
+            if sums[i, 1] > 0:
+                metrics[f"eval/{task}/loss"] = float(sums[i, 0] / sums[i, 1])
+                metrics[f"eval/{task}/ppl"] = math.exp(min(metrics[f"eval/{task}/loss"], 50))
+        total = sums.sum(0)
+        metrics["eval/loss"] = float(total[0] / max(total[1], 1))
+        metrics["eval/ppl"] = math.exp(min(metrics["eval/loss"], 50))
+        metrics["eval/tokens"] = float(total[1])
+        self.telemetry.log(self.step, metrics, kind="eval")
+        if routed:
+            routing = self._all_reduce_sum(routing)
+            matrices = {l: (routing[l, :, :-1] / routing[l, :, -1:].clamp_min(1)).numpy() for l in range(len(layers))}
+            self.telemetry.routing_heatmap(self.step, matrices, self.tasks)
+        if self.rank == 0:
+            log.info("eval step %d: loss %.4f ppl %.2f | %s", self.step, metrics["eval/loss"], metrics["eval/ppl"],
+                     " ".join(f"{t}={metrics.get(f'eval/{t}/ppl', float('nan')):.2f}" for t in self.tasks))
+        return metrics
+
+    def _padding_batch(self) -> dict[str, torch.Tensor]:
+        """A batch of padding only (no loss tokens), for ranks with fewer eval batches."""
+        shape = (self.cfg.optim.micro_batch_size, self.reader.seq_len)
+        zeros = torch.zeros(shape, dtype=torch.int64)
+        return {"input_ids": zeros, "labels": torch.full(shape, -100), "position_ids": zeros,
+                "segment_ids": zeros, "task_ids": torch.full(shape, -1)}
+
+    def _accumulate_routing(self, routing: torch.Tensor, layers, batch: dict[str, torch.Tensor]) -> None:
+        task_ids = batch["task_ids"].reshape(-1)
+        keep = task_ids >= 0
+        for l, layer in enumerate(layers):
+            weights = layer.last_routing["weights"].detach().reshape(-1, routing.shape[-1] - 1).double().cpu()
+            routing[l, :, :-1].index_add_(0, task_ids[keep], weights[keep])
+            routing[l, :, -1] += torch.bincount(task_ids[keep], minlength=routing.shape[1]).double()
+
+    def _all_reduce_max(self, value: float) -> float:
+        tensor = torch.tensor([float(value)])
+        if self.world > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return float(tensor[0])
+
+    # ------------------------------------------------------------------ export and exit
+    def export(self) -> Path | None:
+        """Write run_dir/adapter: HyCAM tensors gathered from ZeRO-3 partitions on every rank
+        (a collective), saved by rank 0 with save_adapter; LoRA via PEFT; full: the model."""
+        from .exporting import export_trained
+
+        return export_trained(self, self.run_dir / "adapter")
+
+    def close(self, success: bool) -> None:
+        self.telemetry.close()
+        if success and dist.is_initialized():
+            # Peers may still be inside a collective after a failure: only the success path
+            # tears down cleanly (else gloo threads abort with "terminate called ...").
+            dist.barrier()
+            self.engine.destroy()
+            dist.destroy_process_group()
