@@ -59,14 +59,19 @@ check_int LOCAL_SLURM_CRED_EXPIRE "$CRED_EXPIRE"
 # Every client command below must talk to *this* cluster, whatever the caller exported.
 export SLURM_CONF="$CONF"
 
-# pid_alive PIDFILE COMM: the pid in PIDFILE runs a process named COMM. The name check
-# keeps us from signalling an unrelated process that reused a stale pid.
+# proc_is PID COMM: PID is a running (not zombie) process named COMM. The name check keeps
+# us from signalling an unrelated process that reused a stale pid.
+proc_is() {
+    [[ -n "$1" && -r "/proc/$1/comm" ]] || return 1
+    [[ "$(cat "/proc/$1/comm" 2>/dev/null)" == "$2" ]] || return 1
+    # An exited daemon nobody has reaped yet (a zombie) is not running.
+    [[ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" != Z ]]
+}
+
+# pid_alive PIDFILE COMM: the pid in PIDFILE is a running COMM.
 pid_alive() {
-    local pid
     [[ -s "$1" ]] || return 1
-    pid="$(tr -dc '0-9' <"$1")"
-    [[ -n "$pid" && -r "/proc/$pid/comm" ]] || return 1
-    [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == "$2" ]]
+    proc_is "$(tr -dc '0-9' <"$1")" "$2"
 }
 
 # wait_for SECONDS DESCRIPTION COMMAND...: poll COMMAND until it succeeds or time runs out.
@@ -219,9 +224,15 @@ stop_daemon() {
     pid_alive "$1" "$2" || { rm -f "$1"; return 0; }
     pid="$(tr -dc '0-9' <"$1")"
     kill -TERM "$pid" 2>/dev/null || true
-    if ! wait_for "$TIMEOUT" "$2 to exit" bash -c "! kill -0 $pid"; then
-        kill -KILL "$pid" 2>/dev/null || true
-    fi
+    local deadline=$((SECONDS + TIMEOUT))
+    while proc_is "$pid" "$2"; do
+        if ((SECONDS >= deadline)); then
+            log "$2 (pid $pid) ignored SIGTERM for ${TIMEOUT}s: killing it"
+            kill -KILL "$pid" 2>/dev/null || true
+            break
+        fi
+        sleep 0.2
+    done
     rm -f "$1"
 }
 
