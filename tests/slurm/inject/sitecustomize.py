@@ -1,6 +1,6 @@
 """Fault injection for the SLURM tests, loaded by every python started with this folder on
 PYTHONPATH. On the rank named by HYCAM_TEST_FAIL_RANK it raises a RuntimeError in the main
-thread once training is under way (RUN_DIR/metrics.jsonl exists), whatever the trainer is.
+thread once training is under way (RUN_DIR/metrics.jsonl has a line), whatever the trainer is.
 HYCAM_TEST_FAIL_MODE=hang stops that rank instead (SIGSTOP): it neither exits nor answers."""
 import os
 
@@ -16,7 +16,7 @@ if _rank is not None and _rank == os.environ.get("HYCAM_TEST_FAIL_RANK"):
     def _watch():
         marker = os.path.join(os.environ.get("HYCAM_RUN_DIR", "."), "metrics.jsonl")
         deadline = time.monotonic() + float(os.environ.get("HYCAM_TEST_FAIL_AFTER_S", "300"))
-        while not os.path.exists(marker) and time.monotonic() < deadline:
+        while not (os.path.exists(marker) and os.path.getsize(marker) > 0) and time.monotonic() < deadline:
             time.sleep(0.1)
         if os.environ.get("HYCAM_TEST_FAIL_MODE", "raise") == "hang":
             print(f"injected hang on rank {_rank}", flush=True)
