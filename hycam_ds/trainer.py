@@ -144,7 +144,12 @@ class Trainer:
         self.is_hycam = bool(hycam_layers(self.model))
         if self.is_hycam:
             set_noise_seed(self.model, self.cfg.hycam.seed + 7919 * self.rank)  # every rank its own noise
+        local_bytes = sum(int(getattr(p, "ds_tensor", p).numel()) * p.element_size() for p in self.model.parameters() if not p.requires_grad)
+        per_rank = self._gather_ints(local_bytes)
         if self.rank == 0:
+            # What ZeRO-3 left on each rank of the frozen backbone: about total / world.
+            write_json(self.run_dir / "partition.json", {"world_size": self.world, "frozen_bytes_per_rank": per_rank,
+                                                          "zero_stage": zero_stage(self.ds_config)})
             log.info("method=%s: %s trainable of %s parameters (%.3f%%), ZeRO stage %d, %s, world %d",
                      self.cfg.method, f"{self.trainable:,}", f"{self.total:,}", 100 * self.trainable / self.total,
                      zero_stage(self.ds_config), "bf16" if self.bf16 else "fp32", self.world)

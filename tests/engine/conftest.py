@@ -1,0 +1,49 @@
+"""Fixtures for the training-engine tests: one embedded data build shared by the session, and a
+runner for the real entry point (plain python for 1 rank, the deepspeed launcher for more)."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def embedded_data(tmp_path_factory):
+    from data_pipeline import BuildConfig, build_dataset
+
+    out = tmp_path_factory.mktemp("data") / "embedded"
+    build_dataset(BuildConfig(recipe=str(REPO / "data_pipeline/recipes/embedded.yaml"), out=str(out),
+                              train_tokenizer=True, vocab_size=3000, seq_len=128, progress=False))
+    return out
+
+
+def run_train(args, nprocs=1, timeout=600, check=True, env=None):
+    """Run launch/train.py as users do; returns the CompletedProcess."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "HYCAM_DIST_TIMEOUT_S": "120", **(env or {})}
+    if nprocs == 1:
+        cmd = [sys.executable, str(REPO / "launch/train.py"), *args]
+    else:
+        port = str(random.randint(20000, 40000))
+        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nprocs), "--master_port", port,
+               str(REPO / "launch/train.py"), *args]
+    result = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}\n--- stderr ---\n{result.stderr[-6000:]}\n--- stdout ---\n{result.stdout[-3000:]}")
+    return result
+
+
+def train_losses(run_dir):
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["train/lm_loss"]) for r in rows if r["kind"] == "train"]
+
+
+def quick_args(run_dir, data_dir, steps=6, **extra):
+    args = [f"run_dir={run_dir}", f"data.dir={data_dir}", f"optim.max_steps={steps}", "optim.warmup_steps=1",
+            "logging.progress=false", "optim.micro_batch_size=2"]
+    return args + [f"{k}={v}" for k, v in extra.items()]
