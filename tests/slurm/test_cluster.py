@@ -10,7 +10,7 @@ import json
 import math
 import os
 import re
-import subprocess
+import socket
 import time
 from pathlib import Path
 
@@ -18,6 +18,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SBATCH_SCRIPT = REPO / "launch" / "slurm" / "train.sbatch"
+LOCAL_CLUSTER = REPO / "launch" / "slurm" / "local_cluster.sh"
 pytestmark = pytest.mark.slurm
 
 ENTRY = os.environ.get("TRAIN_ENTRY", "launch/train.py")
@@ -62,11 +63,25 @@ def _log(tmp_path, job_id) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _running(pid: str) -> bool:
+    """A live process (an exited daemon not yet reaped by init is a zombie: not running)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
 def test_local_cluster_start_is_idempotent(slurm_cluster):
     t0 = time.monotonic()
-    slurm_cluster.run("bash", str(REPO / "launch/slurm/local_cluster.sh"), "start")
+    slurm_cluster.run("bash", str(LOCAL_CLUSTER), "start")
     assert time.monotonic() - t0 < 15
-    status = slurm_cluster.run("bash", str(REPO / "launch/slurm/local_cluster.sh"), "status")
+    status = slurm_cluster.run("bash", str(LOCAL_CLUSTER), "status")
     assert "slurmd: running" in status.stdout and "node localhost: idle" in status.stdout
 
 
@@ -120,7 +135,7 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path):
     assert info["Restarts"] == "1", log  # requeued exactly once; the second end did not requeue
 
     # Every rank stopped at the same step.
-    stops = re.findall(r"rank (\d+): preemption warning \(\w+\): stopping at step check (\d+)", log)
+    stops = re.findall(r"rank (\d+): preemption warning \([^)]*\): stopping at step check (\d+)", log)
     assert sorted(r for r, _ in stops) == ["0", "1"], log
     assert len({check for _, check in stops}) == 1, stops
 
@@ -173,3 +188,26 @@ def test_hanging_rank_ends_the_job_within_the_timeout(slurm_cluster, tmp_path):
     # Rank 0's collective times out, it exits non-zero, and srun kills the stopped rank.
     assert info["JobState"] == "FAILED", log
     assert time.monotonic() - t0 < 4 * timeout_s + (0 if STANDIN else 120), log
+
+
+def test_second_cluster_starts_idempotently_and_stops_only_its_own_daemons(slurm_cluster, tmp_path):
+    state = tmp_path / "second"
+    env = dict(slurm_cluster.env, LOCAL_SLURM_DIR=str(state), LOCAL_SLURM_CTLD_PORT=str(_free_port()),
+               LOCAL_SLURM_SLURMD_PORT=str(_free_port()))
+    env.pop("SLURM_CONF")
+    pidfiles = [state / "run" / "slurmctld.pid", state / "run" / "slurmd.pid"]
+    try:
+        t0 = time.monotonic()
+        slurm_cluster.run("bash", str(LOCAL_CLUSTER), "start", env=env)
+        started = time.monotonic() - t0
+        pids = [p.read_text().strip() for p in pidfiles]
+        slurm_cluster.run("bash", str(LOCAL_CLUSTER), "start", env=env)  # again: nothing restarted
+        assert [p.read_text().strip() for p in pidfiles] == pids
+        print(f"\nsecond local cluster up in {started:.1f}s")
+    finally:
+        slurm_cluster.run("bash", str(LOCAL_CLUSTER), "stop", env=env)
+    assert not any(_running(pid) for pid in pids)
+    status = slurm_cluster.run("bash", str(LOCAL_CLUSTER), "status", env=env, check=False)
+    assert status.returncode != 0 and "slurmd: stopped" in status.stdout
+    # The session's cluster is untouched.
+    assert slurm_cluster.run("bash", str(LOCAL_CLUSTER), "status").returncode == 0
