@@ -103,18 +103,19 @@ def write_rank_files(stage: Path, rank: int, trainer_state: dict[str, Any] | Non
         write_json_atomic(stage / "trainer_state.json", trainer_state)
 
 
-def publish(root: Path, step: int, keep_last: int, before_rename: Callable[[], None] | None = None) -> Path:
-    """Rank 0, after every rank finished writing the staging directory: manifest, rename, pointer, prune."""
+def publish(root: Path, step: int, keep_last: int, on_point: Callable[[str], None] = lambda point: None) -> Path:
+    """Rank 0, after every rank finished writing the staging directory: manifest, rename, pointer, prune.
+    `on_point(name)` is called between the stages (fault-injection tests kill the process there)."""
     stage, final = staging_dir(root, step), root / checkpoint_name(step)
     files = sorted(p for p in stage.rglob("*") if p.is_file())
     manifest = {"step": step, "files": {str(p.relative_to(stage)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}}
     _fsync_tree(stage)
     write_json_atomic(stage / MANIFEST, manifest)
-    if before_rename is not None:
-        before_rename()
+    on_point("manifest")
     if final.exists():  # a checkpoint of the same step from an earlier attempt: replace it whole
         shutil.rmtree(final)
     os.replace(stage, final)
+    on_point("published")
     _write_pointer(root, final.name)
     prune(root, keep_last)
     return final

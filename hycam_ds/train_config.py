@@ -77,7 +77,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    max_steps: int = 150
+    max_steps: int = 300
     """Optimizer steps of the whole run (the learning-rate schedule spans them)."""
     stop_at_step: Optional[int] = None
     """End this job early at this step, with a checkpoint, as a time-boxed job would; resume continues."""
@@ -109,7 +109,7 @@ class OptimConfig:
 class LoggingConfig:
     log_every: int = 1
     """Steps between metrics lines / TensorBoard points."""
-    eval_every: int = 50
+    eval_every: int = 100
     """Steps between held-out evaluations (0 = only at the end)."""
     eval_batches: Optional[int] = None
     """Cap on eval batches per rank (None = the whole eval split)."""
@@ -125,7 +125,7 @@ class LoggingConfig:
 
 @dataclass
 class CheckpointConfig:
-    save_every: int = 50
+    save_every: int = 100
     """Steps between checkpoints (0 = only at the end)."""
     keep_last: int = 2
     """Complete checkpoints kept; older ones are deleted after a newer one is in place."""

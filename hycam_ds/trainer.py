@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import checkpointing as ckpt
+from . import faults
 from .ds_config import resolve_ds_config, write_json, zero_stage
 from .injection import hycam_layers, load_noise_state_dict, noise_state_dict, set_noise_seed, set_record_stats
 from .losses import balance_loss
@@ -183,6 +184,7 @@ class Trainer:
             stage.mkdir(parents=True, exist_ok=True)
         dist.barrier()
         self.engine.save_checkpoint(str(stage), tag=ckpt.ENGINE_TAG, save_latest=False, exclude_frozen_parameters=True)
+        faults.at_save_point(self.rank, self.step, "engine")
         counts = self._gather_ints(noise_state_dict(self.model)["forward_count"] if self.is_hycam else 0)
         state = None
         if self.rank == 0:
@@ -190,9 +192,11 @@ class Trainer:
                      "noise": noise_state_dict(self.model) if self.is_hycam else None, "noise_forward_counts": counts,
                      "skipped_steps": self.skipped_steps, "config": self.cfg.to_dict(), "data_dir": str(self.data_dir)}
         ckpt.write_rank_files(stage, self.rank, state)
+        faults.at_save_point(self.rank, self.step, "rank_files")
         dist.barrier()
         if self.rank == 0:
-            final = ckpt.publish(self.ckpt_root, self.step, self.cfg.checkpoint.keep_last)
+            final = ckpt.publish(self.ckpt_root, self.step, self.cfg.checkpoint.keep_last,
+                                 on_point=lambda point: faults.at_save_point(self.rank, self.step, point))
             log.info("checkpoint %s", final)
         dist.barrier()
 
@@ -270,6 +274,7 @@ class Trainer:
         outcome = "completed"
         try:
             while self.step < stop_at:
+                faults.at_step_start(self.rank, self.step + 1)
                 started = time.perf_counter()
                 record = self.step % cfg.logging.log_every == 0 or self.step + 1 == stop_at
                 if self.is_hycam:
@@ -394,9 +399,23 @@ class Trainer:
 
         return export_trained(self, self.run_dir / "adapter")
 
+    def record_peak_memory(self) -> None:
+        """Peak resident memory of every rank (and peak CUDA memory on GPUs) into partition.json."""
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        cuda = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+        rss, gpu = self._gather_ints(peak), self._gather_ints(cuda)
+        if self.rank == 0:
+            path = self.run_dir / "partition.json"
+            info = json.loads(path.read_text()) if path.is_file() else {}
+            info.update(peak_rss_bytes_per_rank=rss, peak_cuda_bytes_per_rank=gpu)
+            write_json(path, info)
+
     def close(self, success: bool) -> None:
         self.telemetry.close()
         if success and dist.is_initialized():
+            self.record_peak_memory()
             # Peers may still be inside a collective after a failure: only the success path
             # tears down cleanly (else gloo threads abort with "terminate called ...").
             dist.barrier()

@@ -21,7 +21,8 @@ REQUIRED_TAGS = {"train/loss", "train/lm_loss", "train/balance_loss", "train/lr"
 def test_two_rank_zero3_run_and_exact_resume(tmp_path, embedded_data):
     common = dict(steps=6, **{"checkpoint.save_every": 2, "logging.eval_every": 3})
     straight = tmp_path / "straight"
-    run_train(quick_args(straight, embedded_data, **common), nprocs=2)
+    result = run_train(quick_args(straight, embedded_data, **common), nprocs=2)
+    assert "terminate called" not in result.stderr + result.stdout, "unclean exit of the process group"
 
     losses = train_losses(straight)
     assert [s for s, _ in losses] == [1, 2, 3, 4, 5, 6]
@@ -68,3 +69,16 @@ def test_zero3_partitions_the_backbone(tmp_path, embedded_data):
     assert len(single) == 1 and len(double) == 2
     for per_rank in double:
         assert 0.45 <= per_rank / single[0] <= 0.55, (single, double)
+
+
+@pytest.mark.distributed
+def test_a_failing_rank_ends_the_job_with_its_error(tmp_path, embedded_data):
+    import time
+
+    started = time.perf_counter()
+    result = run_train(quick_args(tmp_path / "run", embedded_data, steps=6), nprocs=2, check=False,
+                       env={"HYCAM_FAULT": "raise:rank=1:step=2", "HYCAM_DIST_TIMEOUT_S": "30"})
+    elapsed = time.perf_counter() - started
+    assert result.returncode != 0
+    assert "injected failure on rank 1 at step 2" in result.stderr + result.stdout
+    assert elapsed < 90, f"the job took {elapsed:.0f}s to end after a rank failed"
