@@ -19,7 +19,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   else
     "$venv/bin/pip" install -q "torch==2.13.0"
   fi
-  "$venv/bin/pip" install -q -e "$root[dev]"
+  # compat mode puts the repository on sys.path: packages added later import without reinstalling
+  "$venv/bin/pip" install -q -e "$root[dev]" --config-settings editable_mode=compat
   echo "$want" > "$stamp"
 fi
 echo "$venv/bin/python"
