@@ -268,9 +268,17 @@ cmd_status() {
     return "$ok"
 }
 
+# start and stop of one state directory never interleave (two test sessions, a developer).
+with_lock() {
+    mkdir -p "$STATE_DIR"
+    exec 9>"$STATE_DIR/.lock"
+    flock -w "$TIMEOUT" 9 || die "another start/stop holds $STATE_DIR/.lock for over ${TIMEOUT}s"
+    "$@"
+}
+
 case "${1:-}" in
-    start) cmd_start ;;
-    stop) cmd_stop ;;
+    start) with_lock cmd_start ;;
+    stop) with_lock cmd_stop ;;
     status) cmd_status ;;
     env) echo "export SLURM_CONF=$CONF" ;;
     *) echo "usage: $0 start|stop|status|env  (settings: see the header of this file)" >&2; exit 2 ;;
