@@ -130,3 +130,25 @@ class ShardReader:
             if state.get(key) != ours:
                 raise ValueError(f"reader state was saved with {key}={state.get(key)!r}, this reader has {ours!r}")
         self.sampler.state = copy.deepcopy(state["sampler"])
+
+
+def iter_documents(out_dir: str | Path, split: str = "test", rank: int = 0, world_size: int = 1) -> Iterator[dict]:
+    """Every document of a split, unpacked, in storage order; rank r of W takes documents r, r+W, ...
+
+    Yields {"task_id", "tokens" (int64 numpy: [BOS] prompt response [EOS]), "loss_start"} — for
+    generation-based evaluation, the prompt is tokens[:loss_start] and the reference the rest
+    (builds with train_on_prompt=false, where loss_start is the prompt's end).
+    """
+    out_dir = Path(out_dir)
+    manifest = load_manifest(out_dir)
+    if split not in manifest["splits"]:
+        raise ValueError(f"no split {split!r} in {out_dir} (have {sorted(manifest['splits'])})")
+    dtype, seq_len = np.dtype(manifest["dtype"]), manifest["seq_len"]
+    counter = 0
+    for shard in manifest["splits"][split]["shards"]:
+        tokens = np.memmap(out_dir / shard["path"], dtype=dtype, mode="r", shape=(shard["sequences"], seq_len))
+        index = np.fromfile(out_dir / shard["index_path"], dtype=INDEX_DTYPE).reshape(-1, len(INDEX_COLUMNS))
+        for row, start, length, loss_start, task in index.tolist():
+            if counter % world_size == rank:
+                yield {"task_id": task, "tokens": np.asarray(tokens[row, start:start + length], dtype=np.int64), "loss_start": loss_start}
+            counter += 1

@@ -10,6 +10,7 @@ from .config import HyCAMConfig
 from .injection import (
     FAMILY_LAYOUTS,
     apply_hycam,
+    disable_hycam,
     hycam_named_parameters,
     hycam_parameters,
     load_noise_state_dict,
@@ -26,6 +27,7 @@ __all__ = [
     "HyCAMConfig",
     "apply_hycam",
     "balance_loss",
+    "disable_hycam",
     "hycam_named_parameters",
     "hycam_parameters",
     "load_adapter",

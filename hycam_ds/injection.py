@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -133,6 +134,17 @@ def noise_state_dict(model: nn.Module) -> dict[str, int]:
 def load_noise_state_dict(model: nn.Module, values: dict[str, int]) -> None:
     noise = hycam_state(model).noise
     noise.seed, noise.forward_count = int(values["seed"]), int(values["forward_count"])
+
+
+@contextlib.contextmanager
+def disable_hycam(model: nn.Module):
+    """Within the block the model computes exactly its backbone (HyCAM skipped in every layer)."""
+    state = hycam_state(model)
+    previous, state.disabled = state.disabled, True
+    try:
+        yield model
+    finally:
+        state.disabled = previous
 
 
 def set_record_stats(model: nn.Module, enabled: bool) -> None:

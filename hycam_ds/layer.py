@@ -30,6 +30,7 @@ class HyCAMState:
     noise: NoiseState = field(default_factory=NoiseState)
     token_mask: torch.Tensor | None = None
     record_stats: bool = True
+    disabled: bool = False
 
 
 class HyCAMModulation(nn.Module):
@@ -140,6 +141,8 @@ class HyCAMAttention(nn.Module):
         out = self.base_layer(*args, **kwargs)
         h_att = out[0] if isinstance(out, tuple) else out
         h_in, self.layer_input = self.layer_input, None  # do not keep the tensor alive past the forward
+        if self.hycam._state.disabled:  # the untouched backbone, for comparisons (hycam_ds.disable_hycam)
+            return out
         if self.hycam.config.site == "residual" and h_in is None:
             raise RuntimeError("HyCAM site='residual' needs the layer input, but the input-norm tap did not run")
         h_out = self.hycam(x, h_att, h_in)

@@ -15,30 +15,32 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.integrations import HfDeepSpeedConfig
 
-from .backbones import backbone_config
+from .backbones import build_backbone
 from .injection import apply_hycam, hycam_parameters
 from .train_config import TrainConfig
 
 
 class BackboneLoader:
-    """Keeps transformers' DeepSpeed hook alive while models load: under ZeRO-3,
-    `from_pretrained` / `from_config` then build every parameter inside `deepspeed.zero.Init`,
-    so no rank ever holds the whole backbone."""
+    """Loads the backbone. A Hugging Face one is built inside `deepspeed.zero.Init` under ZeRO-3
+    (transformers does so while an HfDeepSpeedConfig is alive, kept here as long as the model),
+    so no rank ever holds it whole. A small backbone built in code is built whole and partitioned
+    by `deepspeed.initialize`: its random init must not depend on the world size, so that one
+    process can evaluate exactly what N ranks trained."""
 
     def __init__(self, ds_config: dict[str, Any]):
-        stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
-        self._hf_ds_config = HfDeepSpeedConfig(ds_config) if stage == 3 else None
+        self.stage3 = int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 3
+        self.ds_config = ds_config
+        self._hf_ds_config = None
 
     def load(self, cfg: TrainConfig, vocab_size: int | None, dtype: torch.dtype) -> PreTrainedModel:
         model_cfg = cfg.model
         if model_cfg.path is not None:
+            if self.stage3:
+                self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
             return AutoModelForCausalLM.from_pretrained(model_cfg.path, dtype=dtype, attn_implementation=model_cfg.attn_implementation)
         if vocab_size is None:
             raise ValueError("a backbone built in code needs the tokenizer's vocabulary size")
-        config = backbone_config(model_cfg.name, vocab_size, attn_implementation=model_cfg.attn_implementation)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(model_cfg.seed)
-            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        return build_backbone(model_cfg.name, vocab_size, seed=model_cfg.seed, dtype=dtype, attn_implementation=model_cfg.attn_implementation)
 
 
 def adapt(model: PreTrainedModel, cfg: TrainConfig) -> tuple[nn.Module, list[nn.Parameter]]:

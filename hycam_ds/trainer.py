@@ -17,22 +17,25 @@ import random
 import socket
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from . import checkpointing as ckpt
 from . import faults
 from .ds_config import resolve_ds_config, write_json, zero_stage
 from .injection import hycam_layers, load_noise_state_dict, noise_state_dict, set_noise_seed, set_record_stats
+from .evaluation import task_losses
+from .lm_loss import packed_token_losses
 from .losses import balance_loss
 from .methods import BackboneLoader, adapt, count_parameters
 from .stats import routing_stats
 from .telemetry import CollapseDetector, Telemetry, routing_scalars
+from .text_metrics import perplexity
 from .train_config import TrainConfig
 
 log = logging.getLogger("hycam_ds.trainer")
@@ -130,6 +133,9 @@ class Trainer:
                                   task_sampling=self.cfg.data.task_sampling, temperature=self.cfg.data.temperature)
         self.fingerprint = fingerprint
         self.tasks = self.reader.tasks
+        if self.rank == 0:  # what launch/evaluate.py --run-dir needs to rebuild this run's model and data
+            write_json(self.run_dir / "run_info.json", {"data_dir": str(self.data_dir.resolve()), "tokenizer": str(Path(tokenizer_path).resolve()),
+                                                        "method": self.cfg.method, "model": self.cfg.to_dict()["model"]})
 
     def build_model(self) -> None:
         import deepspeed
@@ -209,16 +215,7 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def forward_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token LM losses [B, L-1] (0 where no loss) and the bool mask of loss tokens."""
-        from data_pipeline import block_causal_mask
-
-        device = self.engine.device
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logits = self.engine(input_ids=batch["input_ids"], attention_mask=block_causal_mask(batch["segment_ids"]),
-                             position_ids=batch["position_ids"], use_cache=False).logits
-        labels = batch["labels"][:, 1:]
-        losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels.clamp_min(0), reduction="none")
-        mask = labels != -100
-        return losses * mask, mask
+        return packed_token_losses(self.engine, batch, self.engine.device)
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepResult:
         world, accum = self.world, len(micro_batches)
@@ -330,66 +327,27 @@ class Trainer:
         batches = list(reader)
         if self.cfg.logging.eval_batches is not None:
             batches = batches[: self.cfg.logging.eval_batches]
-        # ZeRO-3 gathers parameters collectively: every rank must run the same number of forwards.
-        rounds = int(self._all_reduce_max(len(batches)))
-        layers = hycam_layers(self.model)
-        routed = self.is_hycam and layers[0].router_weight is not None
-        sums = torch.zeros(len(self.tasks), 2, dtype=torch.float64)
-        routing = torch.zeros(len(layers), len(self.tasks), self.cfg.hycam.num_specialized + 1, dtype=torch.float64) if routed else None
+        progress = partial(tqdm, disable=self.rank != 0 or not self.cfg.logging.progress)
         self.engine.eval()
-        with torch.no_grad():
-            for i in tqdm(range(rounds), desc="eval", disable=self.rank != 0 or not self.cfg.logging.progress, leave=False):
-                real = i < len(batches)
-                batch = batches[i] if real else self._padding_batch()
-                losses, mask = self.forward_losses(batch)
-                if not real:
-                    continue
-                tasks = batch["task_ids"][:, 1:].to(losses.device)[mask]
-                sums[:, 0] += torch.bincount(tasks, weights=losses[mask].double(), minlength=len(self.tasks)).cpu()
-                sums[:, 1] += torch.bincount(tasks, minlength=len(self.tasks)).double().cpu()
-                if routed:
-                    self._accumulate_routing(routing, layers, batch)
+        sums, routing = task_losses(self.engine, self.model, batches, len(self.tasks), self.cfg.optim.micro_batch_size,
+                                    reader.seq_len, self.engine.device, progress)
         self.engine.train()
-        sums = self._all_reduce_sum(sums)
         metrics: dict[str, float] = {}
         for i, task in enumerate(self.tasks):
             if sums[i, 1] > 0:
                 metrics[f"eval/{task}/loss"] = float(sums[i, 0] / sums[i, 1])
-                metrics[f"eval/{task}/ppl"] = math.exp(min(metrics[f"eval/{task}/loss"], 50))
+                metrics[f"eval/{task}/ppl"] = perplexity(float(sums[i, 0]), float(sums[i, 1]))
         total = sums.sum(0)
         metrics["eval/loss"] = float(total[0] / max(total[1], 1))
-        metrics["eval/ppl"] = math.exp(min(metrics["eval/loss"], 50))
+        metrics["eval/ppl"] = perplexity(float(total[0]), float(total[1]))
         metrics["eval/tokens"] = float(total[1])
         self.telemetry.log(self.step, metrics, kind="eval")
-        if routed:
-            routing = self._all_reduce_sum(routing)
-            matrices = {l: (routing[l, :, :-1] / routing[l, :, -1:].clamp_min(1)).numpy() for l in range(len(layers))}
-            self.telemetry.routing_heatmap(self.step, matrices, self.tasks)
+        if routing is not None:
+            self.telemetry.routing_heatmap(self.step, routing, self.tasks)
         if self.rank == 0:
             log.info("eval step %d: loss %.4f ppl %.2f | %s", self.step, metrics["eval/loss"], metrics["eval/ppl"],
                      " ".join(f"{t}={metrics.get(f'eval/{t}/ppl', float('nan')):.2f}" for t in self.tasks))
         return metrics
-
-    def _padding_batch(self) -> dict[str, torch.Tensor]:
-        """A batch of padding only (no loss tokens), for ranks with fewer eval batches."""
-        shape = (self.cfg.optim.micro_batch_size, self.reader.seq_len)
-        zeros = torch.zeros(shape, dtype=torch.int64)
-        return {"input_ids": zeros, "labels": torch.full(shape, -100), "position_ids": zeros,
-                "segment_ids": zeros, "task_ids": torch.full(shape, -1)}
-
-    def _accumulate_routing(self, routing: torch.Tensor, layers, batch: dict[str, torch.Tensor]) -> None:
-        task_ids = batch["task_ids"].reshape(-1)
-        keep = task_ids >= 0
-        for l, layer in enumerate(layers):
-            weights = layer.last_routing["weights"].detach().reshape(-1, routing.shape[-1] - 1).double().cpu()
-            routing[l, :, :-1].index_add_(0, task_ids[keep], weights[keep])
-            routing[l, :, -1] += torch.bincount(task_ids[keep], minlength=routing.shape[1]).double()
-
-    def _all_reduce_max(self, value: float) -> float:
-        tensor = torch.tensor([float(value)])
-        if self.world > 1:
-            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-        return float(tensor[0])
 
     # ------------------------------------------------------------------ export and exit
     def export(self) -> Path | None:

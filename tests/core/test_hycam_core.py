@@ -344,3 +344,13 @@ def test_shared_cam_alone_baseline():
     model.eval(), plain.eval()
     torch.testing.assert_close(model(ids).logits, plain(ids).logits, atol=1e-5, rtol=1e-5)
     assert H.balance_loss(model).item() == 0.0
+
+
+def test_disable_hycam_gives_the_backbone():
+    plain = build_backbone("tiny-llama", VOCAB).eval()
+    model = H.apply_hycam(build_backbone("tiny-llama", VOCAB)).eval()
+    _randomise_hycam(model)
+    ids = _ids()
+    with H.disable_hycam(model):
+        assert torch.equal(model(ids).logits, plain(ids).logits)
+    assert not torch.allclose(model(ids).logits, plain(ids).logits)

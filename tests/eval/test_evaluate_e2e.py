@@ -1,0 +1,71 @@
+"""launch/evaluate.py end to end on a tiny trained run: one process and 2 ZeRO-3 ranks agree,
+the report holds every task, and generation with the adapter equals generation without cache."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run(cmd, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, **kw)
+    assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stderr[-5000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evalrun")
+    _run([sys.executable, "launch/train.py", f"run_dir={root}/run", f"data.cache_dir={root}/data", "data.seq_len=128",
+          "optim.max_steps=12", "optim.warmup_steps=1", "optim.lr=5e-3", "logging.eval_every=0", "logging.progress=false"])
+    return root / "run"
+
+
+@pytest.mark.distributed
+def test_one_process_and_two_ranks_give_the_same_report(trained_run, tmp_path):
+    general = tmp_path / "general"
+    general.mkdir()
+    (general / "text.txt").write_text("\n".join(f"The number {i} follows {i - 1} and comes before {i + 1}." for i in range(1, 400)))
+    common = ["--run-dir", str(trained_run), "--max-examples", "3", "--max-new-tokens", "12", "--batch-size", "4",
+              "--general-text", str(general), "--general-tokens", "3000", "--no-progress"]
+    _run([sys.executable, "launch/evaluate.py", *common, "--out", str(tmp_path / "one")])
+    port = str(random.randint(20000, 40000))
+    _run([str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", port, "launch/evaluate.py",
+          "--ds_config", "ds_configs/zero3.json", *common, "--out", str(tmp_path / "two")])
+    one = json.loads((tmp_path / "one/report.json").read_text())
+    two = json.loads((tmp_path / "two/report.json").read_text())
+    tasks = json.loads((Path(json.loads((trained_run / "run_info.json").read_text())["data_dir"]) / "manifest.json").read_text())["tasks"]
+    assert set(one["tasks"]) == {t["name"] for t in tasks}
+    assert two["world_size"] == 2
+    for task, values in one["tasks"].items():
+        assert values["examples"] == 3
+        for key in ("ppl", "bleu4", "rougeL"):
+            assert two["tasks"][task][key] == pytest.approx(values[key], rel=1e-5, abs=1e-9), (task, key)
+    assert two["general_text"]["ppl"] == pytest.approx(one["general_text"]["ppl"], rel=1e-5)
+    assert one["general_text"]["ppl"] != one["general_text"]["backbone_ppl"]
+    for name in ("report.md", "task_metrics.png", "routing_heatmap.png", "samples.json"):
+        assert (tmp_path / "one" / name).is_file(), name
+    table = (tmp_path / "one/report.md").read_text()
+    assert all(f"| {t['name']} |" in table for t in tasks)
+
+
+def test_generation_with_adapter_equals_generation_without_cache(trained_run):
+    from data_pipeline import format_prompt, load_tokenizer
+    from hycam_ds.inference import ModelSpec, load_model
+
+    info = json.loads((trained_run / "run_info.json").read_text())
+    tokenizer = load_tokenizer(info["tokenizer"])
+    model, _ = load_model(ModelSpec.from_run_dir(trained_run, len(tokenizer)))
+    prompts = [format_prompt("Add 3 and 4."), format_prompt("Name a fruit.", "Think of a red one.")]
+    for text in prompts:
+        ids = torch.tensor([tokenizer.encode(text)])
+        kwargs = dict(max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        assert torch.equal(model.generate(ids, use_cache=True, **kwargs), model.generate(ids, use_cache=False, **kwargs))
