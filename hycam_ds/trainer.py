@@ -157,6 +157,10 @@ class Trainer:
             # What ZeRO-3 left on each rank of the frozen backbone: about total / world.
             write_json(self.run_dir / "partition.json", {"world_size": self.world, "frozen_bytes_per_rank": per_rank,
                                                           "zero_stage": zero_stage(self.ds_config)})
+            info_path = self.run_dir / "run_info.json"
+            info = json.loads(info_path.read_text())
+            info.update(trainable_parameters=self.trainable, total_parameters=self.total)
+            write_json(info_path, info)
             log.info("method=%s: %s trainable of %s parameters (%.3f%%), ZeRO stage %d, %s, world %d",
                      self.cfg.method, f"{self.trainable:,}", f"{self.total:,}", 100 * self.trainable / self.total,
                      zero_stage(self.ds_config), "bf16" if self.bf16 else "fp32", self.world)
