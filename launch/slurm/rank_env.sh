@@ -31,8 +31,17 @@ if [[ -z "${MASTER_ADDR:-}" ]]; then
     # Rank 0 runs on the first host of the allocation (block distribution, SLURM's default).
     nodelist="${SLURM_STEP_NODELIST:-${SLURM_JOB_NODELIST:-}}"
     [[ -n "$nodelist" ]] || die "SLURM_JOB_NODELIST is not set and MASTER_ADDR is empty"
-    MASTER_ADDR="$(scontrol show hostnames "$nodelist" | head -n1)"
-    [[ -n "$MASTER_ADDR" ]] || die "could not expand the node list '$nodelist'"
+    first="$(scontrol show hostnames "$nodelist" | head -n1)"
+    [[ -n "$first" ]] || die "could not expand the node list '$nodelist'"
+    MASTER_ADDR="$first"
+    if ! getent hosts "$first" >/dev/null 2>&1; then
+        # A node name that is not a host name (several slurmd on one machine, or a site that
+        # names nodes apart from DNS): use the address SLURM itself reaches the node at.
+        # Asked only in that case, so thousands of tasks do not all query the controller.
+        addr="$(scontrol show node "$first" -o 2>/dev/null | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p')"
+        [[ -n "$addr" ]] || die "node '$first' does not resolve and SLURM gives no NodeAddr for it"
+        MASTER_ADDR="$addr"
+    fi
     export MASTER_ADDR
 fi
 

@@ -1,6 +1,6 @@
 """A real single-machine SLURM cluster for the `slurm` tests, started once per session.
 
-The cluster gets its own state directory and free ports, so it runs beside any other local
+The cluster (one controller, two nodes) gets its own state directory and free ports, so it runs beside any other local
 cluster on the machine (a developer's, another test session's) and is stopped at the end.
 """
 from __future__ import annotations
@@ -19,6 +19,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 LOCAL_CLUSTER = REPO / "launch" / "slurm" / "local_cluster.sh"
 SBATCH_SCRIPT = REPO / "launch" / "slurm" / "train.sbatch"
+# Two nodes (two slurmd on this machine) so that a multi-node job can be tried as well.
+NODES = 2
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
                 "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 
@@ -71,7 +73,8 @@ def slurm_cluster(tmp_path_factory):
         pytest.skip("slurm-wlm/munge are not installed and apt-get is not available to install them")
     state_dir = tmp_path_factory.mktemp("slurm-state")
     env = dict(os.environ, LOCAL_SLURM_DIR=str(state_dir), LOCAL_SLURM_CTLD_PORT=str(_free_port()),
-               LOCAL_SLURM_SLURMD_PORT=str(_free_port()), LOCAL_SLURM_GPUS="2")
+               LOCAL_SLURM_SLURMD_PORT=str(_free_port()), LOCAL_SLURM_GPUS="2",
+               LOCAL_SLURM_NODES=str(NODES))
     t0 = time.monotonic()
     out = subprocess.run(["bash", str(LOCAL_CLUSTER), "start"], env=env, capture_output=True,
                          text=True, timeout=900)

@@ -47,13 +47,17 @@ def _fault_env(kind: str) -> dict:
             "PYTHONPATH": os.pathsep.join(filter(None, [str(INJECT), os.environ.get("PYTHONPATH")]))}
 
 
-def _submit(cluster, tmp_path, env, *overrides) -> str:
+def _submit(cluster, tmp_path, env, *args, steps=MAX_STEPS) -> str:
+    """sbatch train.sbatch: options starting with "--" go to sbatch, the rest to the trainer."""
     if not (REPO / ENTRY).exists():
         pytest.fail(f"TRAIN_ENTRY {ENTRY} does not exist")
+    options = {"--ntasks-per-node": "2", "--gres": "gpu:2", "--cpus-per-task": "1", "--time": "20"}
+    options.update(a.split("=", 1) for a in args if a.startswith("--"))
+    overrides = [a for a in args if not a.startswith("--")]
     return cluster.sbatch(
-        "--ntasks-per-node=2", "--gres=gpu:2", "--cpus-per-task=1", "--time=20",
+        *(f"{key}={value}" for key, value in options.items()),
         f"--output={tmp_path}/job-%j.out", f"--chdir={REPO}", str(SBATCH_SCRIPT),
-        f"optim.max_steps={MAX_STEPS}", "logging.progress=false", *overrides, env=env,
+        f"optim.max_steps={steps}", "logging.progress=false", *overrides, env=env,
     )
 
 
@@ -91,7 +95,7 @@ def test_local_cluster_start_is_idempotent(slurm_cluster):
     slurm_cluster.run("bash", str(LOCAL_CLUSTER), "start")
     assert time.monotonic() - t0 < 15
     status = slurm_cluster.run("bash", str(LOCAL_CLUSTER), "status")
-    assert "slurmd: running" in status.stdout and "node localhost: idle" in status.stdout
+    assert "slurmd node1: running" in status.stdout and "node node2: idle" in status.stdout
 
 
 def test_two_task_job_completes(slurm_cluster, tmp_path):
@@ -118,6 +122,21 @@ def test_two_task_job_completes(slurm_cluster, tmp_path):
             * ds_config["gradient_accumulation_steps"]
     assert (run_dir / "checkpoints" / "latest").exists()
     assert info["Restarts"] == "0"  # a normal end does not requeue
+
+
+def test_two_node_job_completes(slurm_cluster, tmp_path):
+    """One rank on each of two nodes: MASTER_ADDR is the first node, found by its NodeAddr."""
+    run_dir = tmp_path / "run"
+    t0 = time.monotonic()
+    job = _submit(slurm_cluster, tmp_path, _job_env(slurm_cluster, run_dir), "--nodes=2",
+                  "--ntasks-per-node=1", "--gres=gpu:1", steps=12)
+    info = slurm_cluster.wait(job, JOB_TIMEOUT)
+    log = _log(tmp_path, job)
+    print(f"\n2-node job {job}: {info['JobState']} in {time.monotonic() - t0:.1f}s")
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log
+    assert info["NodeList"] == "node[1-2]" and "on 2 node(s)" in log
+    assert [m["step"] for m in _metrics(run_dir)] == list(range(1, 13)), log
+    assert "preflight: all 2 ranks reachable (127.0.0.1:" in log
 
 
 def test_preemption_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path):
@@ -166,7 +185,7 @@ def test_failing_rank_ends_the_job_quickly(slurm_cluster, tmp_path):
     run_dir = tmp_path / "run"
     env = _job_env(slurm_cluster, run_dir, **_fault_env("raise"))
     t0 = time.monotonic()
-    job = _submit(slurm_cluster, tmp_path, env, f"optim.max_steps={100 * MAX_STEPS}")
+    job = _submit(slurm_cluster, tmp_path, env, steps=100 * MAX_STEPS)
     info = slurm_cluster.wait(job, JOB_TIMEOUT)
     log = _log(tmp_path, job)
     elapsed = time.monotonic() - t0
@@ -185,7 +204,7 @@ def test_hanging_rank_ends_the_job_within_the_timeout(slurm_cluster, tmp_path):
     timeout_s = 20
     env = _job_env(slurm_cluster, run_dir, HYCAM_DIST_TIMEOUT_S=str(timeout_s), **_fault_env("hang"))
     t0 = time.monotonic()
-    job = _submit(slurm_cluster, tmp_path, env, f"optim.max_steps={100 * MAX_STEPS}")
+    job = _submit(slurm_cluster, tmp_path, env, steps=100 * MAX_STEPS)
     info = slurm_cluster.wait(job, JOB_TIMEOUT)
     log = _log(tmp_path, job)
     print(f"\nhanging-rank job {job}: {info['JobState']} in {time.monotonic() - t0:.1f}s "
@@ -202,7 +221,8 @@ def test_second_cluster_starts_idempotently_and_stops_only_its_own_daemons(slurm
     env = dict(slurm_cluster.env, LOCAL_SLURM_DIR=str(state), LOCAL_SLURM_CTLD_PORT=str(_free_port()),
                LOCAL_SLURM_SLURMD_PORT=str(_free_port()))
     env.pop("SLURM_CONF")
-    pidfiles = [state / "run" / "slurmctld.pid", state / "run" / "slurmd.pid"]
+    env["LOCAL_SLURM_NODES"] = "1"
+    pidfiles = [state / "run" / "slurmctld.pid", state / "run" / "slurmd-localhost.pid"]
     try:
         t0 = time.monotonic()
         slurm_cluster.run("bash", str(LOCAL_CLUSTER), "start", env=env)
@@ -215,6 +235,6 @@ def test_second_cluster_starts_idempotently_and_stops_only_its_own_daemons(slurm
         slurm_cluster.run("bash", str(LOCAL_CLUSTER), "stop", env=env)
     assert not any(_running(pid) for pid in pids)
     status = slurm_cluster.run("bash", str(LOCAL_CLUSTER), "status", env=env, check=False)
-    assert status.returncode != 0 and "slurmd: stopped" in status.stdout
+    assert status.returncode != 0 and "slurmd localhost: stopped" in status.stdout
     # The session's cluster is untouched.
     assert slurm_cluster.run("bash", str(LOCAL_CLUSTER), "status").returncode == 0
