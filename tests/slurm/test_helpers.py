@@ -29,7 +29,8 @@ def _fake_scontrol(tmp_path: Path) -> Path:
     script = bindir / "scontrol"
     script.write_text(
         "#!/bin/sh\n"
-        'if [ "$1 $2" = "show hostnames" ]; then echo node-a; echo node-b; exit 0; fi\n'
+        'if [ "$1 $2" = "show hostnames" ]; then echo ${FAKE_FIRST_HOST:-node-a}; echo node-b; exit 0; fi\n'
+        'if [ "$1 $2" = "show node" ]; then echo "NodeName=$3 NodeAddr=10.9.8.7 State=IDLE"; exit 0; fi\n'
         f'echo "$@" >> {tmp_path}/scontrol.calls\n'
     )
     script.chmod(0o755)
@@ -55,9 +56,15 @@ SLURM_TASK = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
 def test_rank_env_maps_slurm_variables(tmp_path):
     env = _rank_env(tmp_path, **SLURM_TASK)
     assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("5", "8", "1")
-    assert env["MASTER_ADDR"] == "node-a"  # the first host of the node list
+    # The first host of the node list; "node-a" does not resolve here: SLURM's NodeAddr for it.
+    assert env["MASTER_ADDR"] == "10.9.8.7"
     assert env["MASTER_PORT"] == str(20000 + 4242 % 20000)
     assert env["LOCAL_WORLD_SIZE"] == "4"
+
+
+def test_rank_env_uses_the_first_host_name_when_it_resolves(tmp_path):
+    env = _rank_env(tmp_path, **SLURM_TASK, FAKE_FIRST_HOST="localhost")
+    assert env["MASTER_ADDR"] == "localhost"
 
 
 def test_rank_env_keeps_values_a_launcher_set(tmp_path):
