@@ -163,6 +163,22 @@ def verify(checkpoint: Path) -> dict[str, Any]:
     return manifest
 
 
+def check_pickles_are_data(checkpoint: Path) -> None:
+    """DeepSpeed loads its files with torch.load(weights_only=False), which runs any code a pickle
+    names. Before it does, every .pt file must load with weights_only=True, allowing only the two
+    plain-data DeepSpeed classes its checkpoints hold; anything else is refused unexecuted."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    for path in sorted(checkpoint.rglob("*.pt")):
+        try:
+            with torch.serialization.safe_globals([ZeroStageEnum, LossScaler]):
+                torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any failure means: not plain data, do not hand it on
+            reason = str(err).strip().splitlines()[0][:200]
+            raise CheckpointError(f"{path}: refused, not plain tensor data ({reason})") from None
+
+
 def resolve_checkpoint(run_dir: Path, resume: str) -> Path | None:
     """`resume`: none | auto (the pointer of run_dir/checkpoints, None if there is none) | a path.
     A path must be a checkpoint directory inside run_dir/checkpoints, never elsewhere."""

@@ -2,7 +2,7 @@
 
 One place for every metric name: the tags below are what TensorBoard and metrics.jsonl show.
     train/loss, train/lm_loss, train/balance_loss, train/lr, train/grad_norm, train/tokens_per_s, train/loss_tokens,
-    train/skipped_steps, train/task/<task>/loss,
+    train/skipped_steps, train/step_skipped, train/weights_checksum, train/task/<task>/loss, data/batch_fingerprint,
     routing/layer_<i>/expert_<k>, routing/layer_<i>/entropy, routing/layer_<i>/top_<k>,
     modulation/layer_<i>/shared, modulation/layer_<i>/specialized,
     eval/loss, eval/ppl, eval/<task>/loss, eval/<task>/ppl, eval/routing_heatmap (image)
@@ -95,7 +95,7 @@ def heatmap_figure(matrices: dict[int, np.ndarray], tasks: list[str], title: str
 class Telemetry:
     """Writes only on rank 0 (other ranks get an inert instance)."""
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, collapse: CollapseDetector):
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, collapse: CollapseDetector, resume_step: int | None = None):
         self.enabled = enabled
         self.run_dir = run_dir
         self.collapse = collapse
@@ -103,11 +103,18 @@ class Telemetry:
         self.metrics_file = None
         if not enabled:
             return
+        metrics_path = run_dir / "metrics.jsonl"
+        if resume_step is not None and metrics_path.is_file():
+            kept = [line for line in metrics_path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+            tmp = metrics_path.with_name(".metrics.jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(metrics_path)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-        self.metrics_file = open(run_dir / "metrics.jsonl", "a")
+            purge = None if resume_step is None else resume_step + 1
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
+        self.metrics_file = open(metrics_path, "a")
 
     def log(self, step: int, scalars: dict[str, float], kind: str = "train") -> None:
         if not self.enabled:

@@ -99,6 +99,9 @@ class OptimConfig:
     """AdamW epsilon."""
     grad_clip: float = 1.0
     """Global gradient-norm clipping (0 = off)."""
+    max_bad_steps: int = 5
+    """Consecutive steps with a non-finite loss or gradient (each skipped, weights unchanged)
+    after which training stops, having saved a checkpoint of the last good weights."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto = bf16 on GPUs that have it, fp32 otherwise (CPUs here emulate bf16 ~30x slower)."""
     seed: int = 0
@@ -290,6 +293,7 @@ def validate(cfg: TrainConfig) -> None:
     for where, value in (("data.seq_len", cfg.data.seq_len), ("data.vocab_size", cfg.data.vocab_size), ("data.temperature", cfg.data.temperature),
                          ("optim.max_steps", cfg.optim.max_steps), ("optim.micro_batch_size", cfg.optim.micro_batch_size),
                          ("optim.grad_accum", cfg.optim.grad_accum), ("optim.lr", cfg.optim.lr), ("optim.eps", cfg.optim.eps),
+                         ("optim.max_bad_steps", cfg.optim.max_bad_steps),
                          ("logging.log_every", cfg.logging.log_every), ("checkpoint.keep_last", cfg.checkpoint.keep_last),
                          ("lora.r", cfg.lora.r), ("logging.collapse_patience", cfg.logging.collapse_patience)):
         _positive(value, where)

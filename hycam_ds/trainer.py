@@ -72,6 +72,7 @@ class StepResult:
     input_tokens: int
     task_loss: dict[str, float] = field(default_factory=dict)
     finite: bool = True
+    batch_fingerprint: int = 0
 
 
 class Trainer:
@@ -102,9 +103,12 @@ class Trainer:
             write_json(self.run_dir / "ds_config.json", self.ds_config)
         self.build_data()
         self.build_model()
-        self.telemetry = Telemetry(self.run_dir, self.rank == 0, self.cfg.logging.tensorboard,
-                                   CollapseDetector(self.cfg.logging.collapse_threshold, self.cfg.logging.collapse_patience))
         self.maybe_resume()
+        # A resumed run rewrites history from its checkpoint on: metrics of steps after it (a run
+        # killed past its last checkpoint) are dropped, TensorBoard purges them (purge_step).
+        self.telemetry = Telemetry(self.run_dir, self.rank == 0, self.cfg.logging.tensorboard,
+                                   CollapseDetector(self.cfg.logging.collapse_threshold, self.cfg.logging.collapse_patience),
+                                   resume_step=self.step if self.step > 0 else None)
 
     def _resolve_bf16(self) -> bool:
         precision = self.cfg.optim.precision
@@ -171,6 +175,7 @@ class Trainer:
         if checkpoint is None:
             return
         ckpt.verify(checkpoint)
+        ckpt.check_pickles_are_data(checkpoint)
         state = json.loads((checkpoint / "trainer_state.json").read_text())
         if state["world_size"] != self.world:
             raise ckpt.CheckpointError(f"{checkpoint}: saved with {state['world_size']} ranks, this job has {self.world}; "
@@ -229,9 +234,16 @@ class Trainer:
         task_sums = torch.zeros(len(self.tasks), 2, dtype=torch.float64)
         lm_sum, balance_sum = 0.0, 0.0
         weight = self.cfg.hycam.balance_weight if self.is_hycam else 0.0
+        fingerprint = sum(int(hashlib.sha256(mb["input_ids"].numpy().tobytes()).hexdigest()[:8], 16) for mb in micro_batches)
+        hook = None
+        if faults.active("nan_grad", self.rank, self.step + 1):
+            first = next(p for p in self.engine.module.parameters() if p.requires_grad)
+            hook = first.register_hook(lambda grad: grad + float("inf"))
         for mb in micro_batches:
             losses, mask = self.forward_losses(mb)
             token_sum = losses.sum()
+            if faults.active("nan_loss", self.rank, self.step + 1):
+                token_sum = token_sum * float("nan")
             # DeepSpeed divides by accum (backward) and averages over ranks: scaling by
             # world * accum / global_tokens makes the gradient sum(token losses) / global_tokens.
             loss = token_sum * (world * accum / max(global_tokens, 1.0))
@@ -240,18 +252,28 @@ class Trainer:
                 loss = loss + weight * bal
                 balance_sum += float(bal.detach())
             self.engine.backward(loss)
-            self.engine.step()
+            self.engine.step()  # ZeRO skips the update when the global gradient norm is not finite
             lm_sum += float(token_sum.detach())
             tasks = mb["task_ids"][:, 1:].to(losses.device)[mask]
             task_sums[:, 0] += torch.bincount(tasks, weights=losses.detach()[mask].double(), minlength=len(self.tasks)).cpu()
             task_sums[:, 1] += torch.bincount(tasks, minlength=len(self.tasks)).double().cpu()
-        totals = self._all_reduce_sum(torch.cat([torch.tensor([lm_sum, balance_sum / accum]), task_sums.flatten().float()]))
-        task_totals = totals[2:].view(len(self.tasks), 2)
+        if hook is not None:
+            hook.remove()
+        totals = self._all_reduce_sum(torch.cat([torch.tensor([lm_sum, balance_sum / accum, float(fingerprint % 2**24)], dtype=torch.float64),
+                                                 task_sums.flatten().float()]))
+        task_totals = totals[3:].view(len(self.tasks), 2)
         task_loss = {t: float(task_totals[i, 0] / task_totals[i, 1]) for i, t in enumerate(self.tasks) if task_totals[i, 1] > 0}
         lm = float(totals[0]) / max(global_tokens, 1.0)
+        grad_norm = self.engine.get_global_grad_norm()
+        finite = math.isfinite(lm) and (grad_norm is None or math.isfinite(float(grad_norm)))
         return StepResult(lm_loss=lm, balance_loss=float(totals[1]) / world, tokens=int(global_tokens),
-                          input_tokens=int(global_inputs), task_loss=task_loss,
-                          finite=math.isfinite(lm))
+                          input_tokens=int(global_inputs), task_loss=task_loss, finite=finite,
+                          batch_fingerprint=int(totals[2]))
+
+    def _weights_checksum(self) -> float:
+        """Sum of every trainable value (over the ZeRO partitions of all ranks): a skipped step leaves it unchanged."""
+        local = sum(float(getattr(p, "ds_tensor", p).detach().double().sum()) for p in self.engine.module.parameters() if p.requires_grad)
+        return float(self._all_reduce_sum(torch.tensor([local], dtype=torch.float64))[0])
 
     def _all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.clone()
@@ -273,6 +295,7 @@ class Trainer:
         bar = tqdm(total=cfg.optim.max_steps, initial=self.step, desc=f"train {cfg.method}", unit="step",
                    disable=self.rank != 0 or not cfg.logging.progress, dynamic_ncols=True)
         outcome = "completed"
+        bad_streak = 0
         try:
             while self.step < stop_at:
                 faults.at_step_start(self.rank, self.step + 1)
@@ -283,8 +306,16 @@ class Trainer:
                 result = self.train_step([next(batches) for _ in range(cfg.optim.grad_accum)])
                 self.step += 1
                 elapsed = time.perf_counter() - started
-                if record:
+                bad_streak = 0 if result.finite else bad_streak + 1
+                if not result.finite:
+                    self.skipped_steps += 1
+                    log.warning("rank %d: step %d skipped: non-finite loss or gradient (weights unchanged; %d in a row)",
+                                self.rank, self.step, bad_streak)
+                if record or not result.finite:
                     self.log_step(result, elapsed)
+                if bad_streak >= cfg.optim.max_bad_steps:
+                    outcome = "diverged"
+                    break
                 bar.update(1)
                 bar.set_postfix(loss=f"{result.lm_loss:.4f}")
                 if cfg.logging.eval_every and self.step % cfg.logging.eval_every == 0 and self.step < cfg.optim.max_steps:
@@ -294,10 +325,12 @@ class Trainer:
                     break
                 if cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0 and self.step < stop_at:
                     self.save_checkpoint()
+            # Skipped steps leave the weights untouched: after a run of bad steps this checkpoint
+            # holds the last good weights (and the data position past the bad batches).
             self.save_checkpoint()
             if outcome == "preempted":
                 guard.requeue()
-            elif self.step < cfg.optim.max_steps:
+            elif outcome == "completed" and self.step < cfg.optim.max_steps:
                 outcome = "stopped"
         finally:
             bar.close()
@@ -308,10 +341,12 @@ class Trainer:
         scalars = {"train/loss": result.lm_loss + self.cfg.hycam.balance_weight * result.balance_loss * self.is_hycam,
                    "train/lm_loss": result.lm_loss, "train/balance_loss": result.balance_loss,
                    "train/lr": float(self.engine.get_lr()[0]), "train/tokens_per_s": result.input_tokens / max(elapsed, 1e-9),
-                   "train/loss_tokens": result.tokens, "train/skipped_steps": self.skipped_steps}
+                   "train/loss_tokens": result.tokens, "train/skipped_steps": self.skipped_steps,
+                   "train/step_skipped": float(not result.finite), "data/batch_fingerprint": result.batch_fingerprint}
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             scalars["train/grad_norm"] = float(grad_norm)
+        scalars["train/weights_checksum"] = self._weights_checksum()
         scalars.update({f"train/task/{t}/loss": v for t, v in result.task_loss.items()})
         if self.is_hycam and hycam_layers(self.model)[0].router_weight is not None:
             stats = routing_stats(self.model)

@@ -6,7 +6,7 @@
 The YAML mirrors hycam_ds.train_config.TrainConfig; key=value overrides any field
 (optim.max_steps=20, method=lora, checkpoint.resume=auto). Invalid settings are rejected
 before any model or data is loaded. Exit status: 0 completed / stopped / preempted (requeued),
-2 invalid configuration, 1 any other failure.
+2 invalid configuration, 3 diverged (optim.max_bad_steps non-finite steps in a row), 1 any other failure.
 """
 
 from __future__ import annotations
@@ -53,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train.py: invalid configuration: {err}", file=sys.stderr)
         return 2
     outcome = trainer.fit()
+    if outcome == "diverged":
+        logging.getLogger("train").error("stopped at step %d after %d consecutive non-finite steps; the last good "
+                                          "weights are in the latest checkpoint", trainer.step, cfg.optim.max_bad_steps)
+        trainer.close(success=True)
+        return 3
     if outcome == "completed" and cfg.checkpoint.export_adapter:
         trainer.export()
     if outcome == "completed":

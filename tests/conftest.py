@@ -3,6 +3,8 @@ import os
 
 import pytest
 
+from run_helpers import REPO
+
 # Keep CPU runs reproducible and avoid oversubscribing the 2 cores of CI machines.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -20,3 +22,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip_slow)
+
+
+@pytest.fixture(scope="session")
+def embedded_data(tmp_path_factory):
+    """The embedded five-task corpus built once per session (seq 128, trained tokenizer)."""
+    from data_pipeline import BuildConfig, build_dataset
+
+    out = tmp_path_factory.mktemp("data") / "embedded"
+    build_dataset(BuildConfig(recipe=str(REPO / "data_pipeline/recipes/embedded.yaml"), out=str(out),
+                              train_tokenizer=True, vocab_size=3000, seq_len=128, progress=False))
+    return out

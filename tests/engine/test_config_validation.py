@@ -7,7 +7,7 @@ import pytest
 
 from hycam_ds.ds_config import load_ds_config, resolve_ds_config
 from hycam_ds.train_config import ConfigError, TrainConfig, load_train_config
-from conftest import REPO, run_train
+from run_helpers import REPO, run_train
 
 INVALID = [
     (["unknown_top=1"], "unknown key unknown_top"),

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from conftest import REPO, run_train, train_losses
+from run_helpers import REPO, run_train, train_losses
 
 
 @pytest.fixture(scope="module")

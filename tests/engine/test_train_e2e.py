@@ -9,7 +9,7 @@ import torch
 
 import hycam_ds as H
 from hycam_ds.backbones import build_backbone
-from conftest import quick_args, run_train, train_losses
+from run_helpers import quick_args, run_train, train_losses
 
 REQUIRED_TAGS = {"train/loss", "train/lm_loss", "train/balance_loss", "train/lr", "train/grad_norm", "train/tokens_per_s",
                  "routing/layer_0/expert_0", "routing/layer_0/entropy", "routing/layer_0/top_0",

@@ -1,5 +1,5 @@
-"""Fixtures for the training-engine tests: one embedded data build shared by the session, and a
-runner for the real entry point (plain python for 1 rank, the deepspeed launcher for more)."""
+"""Helpers for tests that run the real entry points: plain python for 1 rank, the deepspeed
+launcher for more."""
 
 import json
 import os
@@ -8,19 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="session")
-def embedded_data(tmp_path_factory):
-    from data_pipeline import BuildConfig, build_dataset
-
-    out = tmp_path_factory.mktemp("data") / "embedded"
-    build_dataset(BuildConfig(recipe=str(REPO / "data_pipeline/recipes/embedded.yaml"), out=str(out),
-                              train_tokenizer=True, vocab_size=3000, seq_len=128, progress=False))
-    return out
+REPO = Path(__file__).resolve().parents[1]
 
 
 def run_train(args, nprocs=1, timeout=600, check=True, env=None):
