@@ -181,6 +181,25 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path):
     assert all(math.isfinite(m["loss"]) for m in metrics)
 
 
+def test_cancel_checkpoints_and_does_not_requeue(slurm_cluster, tmp_path):
+    """`scancel` sends SIGTERM: the ranks save at the next step, and the job stays CANCELLED."""
+    run_dir = tmp_path / "run"
+    job = _submit(slurm_cluster, tmp_path, _job_env(slurm_cluster, run_dir),
+                  f"checkpoint.save_every={10 * MAX_STEPS}")
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while len(_metrics(run_dir)) < 3:
+        assert time.monotonic() < deadline, _log(tmp_path, job)
+        time.sleep(0.2)
+    slurm_cluster.run("scancel", job)
+    info = slurm_cluster.wait(job, JOB_TIMEOUT)
+    time.sleep(3)  # a requeue would show at once
+    info = slurm_cluster.job(job)
+    log = _log(tmp_path, job)
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", log
+    assert "preemption warning (SIGTERM)" in log
+    assert (run_dir / "checkpoints" / "latest").exists(), log
+
+
 def test_failing_rank_ends_the_job_quickly(slurm_cluster, tmp_path):
     run_dir = tmp_path / "run"
     env = _job_env(slurm_cluster, run_dir, **_fault_env("raise"))

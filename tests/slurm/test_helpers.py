@@ -168,3 +168,16 @@ def test_guard_single_process_and_requeue(tmp_path, monkeypatch):
         guard.requeue()  # not rank 0: nothing more
         assert (tmp_path / "scontrol.calls").read_text().count("requeue") == 1
     assert signal.getsignal(signal.SIGUSR1) is not guard._on_signal  # handlers restored
+
+
+def test_guard_stops_but_does_not_requeue_on_sigterm(tmp_path, monkeypatch):
+    """SIGTERM is what `scancel` sends: checkpoint and stop, but the job must not come back."""
+    monkeypatch.setenv("PATH", f"{_fake_scontrol(tmp_path)}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "99")
+    for var in ("RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(var, raising=False)
+    with PreemptionGuard() as guard:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert guard.should_stop() and guard.preempted
+        guard.requeue()
+        assert not (tmp_path / "scontrol.calls").exists()
