@@ -21,7 +21,7 @@ from .config import SPLITS, BuildConfig, Recipe, load_recipe
 from .encode import ChunkEncoder, DocPolicy, assemble, template_tail_tokens
 from .examples import BadRow, BuildError, Example, RowReport
 from .packing import best_fit_decreasing
-from .shards import FORMAT, MANIFEST, VERSION, ShardWriter, sha256_file, token_dtype
+from .shards import FORMAT, MANIFEST, VERSION, ShardWriter, manifest_digest, sha256_file, token_dtype
 from .sources import read_source
 from .template import format_prompt
 from .tokenizer import load_tokenizer, tokenizer_fingerprint, train_sentencepiece
@@ -62,10 +62,13 @@ def _resolve(recipe: Recipe, cfg: BuildConfig) -> Recipe:
     return recipe
 
 
+def _content_key(example: Example) -> bytes:
+    return "\0".join((example.task, example.instruction, example.input, example.output)).encode("utf-8")
+
+
 def split_of(example: Example, fractions: dict) -> str:
     """The example's split, from a hash of its content: adding rows never moves old ones."""
-    key = "\0".join((example.task, example.instruction, example.input, example.output))
-    u = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "little") / 2.0 ** 64
+    u = int.from_bytes(hashlib.sha256(_content_key(example)).digest()[:8], "little") / 2.0 ** 64
     acc = 0.0
     for split in SPLITS:
         acc += fractions.get(split, 0.0)
@@ -75,8 +78,14 @@ def split_of(example: Example, fractions: dict) -> str:
 
 
 def iter_examples(recipe: Recipe, report: RowReport, progress: bool = False) -> Iterator[Example]:
-    """All examples of the recipe in order, bad rows counted (or raised, in strict mode)."""
+    """All examples of the recipe in order, bad rows counted (or raised, in strict mode).
+
+    Everything dropped here is dropped before tokenizer training, splitting and packing, and
+    nothing downstream depends on a dropped row: a build with bad rows writes the same shards
+    as a build of the same files without them.
+    """
     root, names = Path(recipe.data_root), recipe.task_names
+    seen: dict[bytes, tuple[str, int]] = {}  # content digest -> where it was first seen
     bar = tqdm(desc="read", unit="ex", disable=not progress, mininterval=1.0)
     for task in recipe.tasks:
         for spec in task.sources:
@@ -85,8 +94,19 @@ def iter_examples(recipe: Recipe, report: RowReport, progress: bool = False) -> 
                 bar.update()
                 if isinstance(row, BadRow):
                     report.bad(task.name, source, line, row.reason, row.detail)
-                else:
-                    yield row
+                    continue
+                key = _content_key(row)
+                if len(key) > recipe.max_row_bytes:
+                    report.bad(task.name, source, line, "oversized_row", f"{len(key)} bytes > max_row_bytes {recipe.max_row_bytes}")
+                    continue
+                if recipe.dedupe:
+                    digest = hashlib.blake2b(key, digest_size=16).digest()
+                    if digest in seen:
+                        first = seen[digest]
+                        report.bad(task.name, source, line, "duplicate", f"same as {first[0]}:{first[1]}")
+                        continue
+                    seen[digest] = (source, line)
+                yield row
     bar.close()
 
 
@@ -97,14 +117,30 @@ def _prepare_tokenizer(out: Path, recipe: Recipe, cfg: BuildConfig):
         load_tokenizer(recipe.tokenizer.path).save_pretrained(str(target))
     else:
         report = RowReport(recipe.task_names, strict=cfg.strict)  # counts come from the main pass
-        texts = (text for ex in iter_examples(recipe, report) if split_of(ex, recipe.splits) == "train"
-                 for text in (format_prompt(ex.instruction, ex.input), ex.output))
-        train_sentencepiece(texts, target, recipe.tokenizer.vocab_size, recipe.tokenizer.model_type,
-                            recipe.tokenizer.max_sentences)
+        stopped: list[BuildError] = []
+        try:
+            train_sentencepiece(_train_texts(recipe, report, stopped), target, recipe.tokenizer.vocab_size,
+                                recipe.tokenizer.model_type, recipe.tokenizer.max_sentences)
+        except RuntimeError:
+            if stopped:  # SentencePiece wraps what its input iterator raised: give back the strict-mode error
+                raise stopped[0] from None
+            raise
     tok = load_tokenizer(target)
     if tok.eos_token_id is None:
         raise BuildError(f"tokenizer {recipe.tokenizer.path or target} has no EOS token")
     return tok
+
+
+def _train_texts(recipe: Recipe, report: RowReport, stopped: list) -> Iterator[str]:
+    """Prompts and responses of the train split, for the tokenizer; a strict-mode stop is kept in `stopped`."""
+    try:
+        for ex in iter_examples(recipe, report):
+            if split_of(ex, recipe.splits) == "train":
+                yield format_prompt(ex.instruction, ex.input)
+                yield ex.output
+    except BuildError as err:
+        stopped.append(err)
+        raise
 
 
 def _build_into(out: Path, recipe: Recipe, cfg: BuildConfig) -> None:
@@ -128,6 +164,7 @@ def _build_into(out: Path, recipe: Recipe, cfg: BuildConfig) -> None:
     bad_rows = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in report.bad_rows)
     (out / "bad_rows.jsonl").write_text(bad_rows)
     manifest = _manifest(out, recipe, tok, dtype, pad_id, report, splits, packer)
+    manifest["manifest_sha256"] = manifest_digest(manifest)
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
 
 

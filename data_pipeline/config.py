@@ -72,6 +72,14 @@ class Recipe:
     packing: str = "mixed"
     """`mixed`: all tasks of a split packed together (fills gaps, ~0.99 efficiency on the real
     tasks); `per_task`: every row holds one task (exact task sampling, more padding)."""
+    max_row_bytes: int = 1 << 20
+    """An example whose instruction + input + output exceed this many UTF-8 bytes is dropped as
+    `oversized_row` (the real tasks' largest is ~5 KB): a runaway row is reported, never
+    silently truncated into the shards."""
+    dedupe: bool = True
+    """Drop an example identical (task, instruction, input, output: the normalised text, not an id)
+    to an earlier one as `duplicate`; the first copy is kept, so removing the later copies
+    changes nothing in the shards."""
     shard_sequences: int = 8192
     """Packed sequences per shard file."""
     pack_window: int = 100_000
@@ -121,6 +129,8 @@ def _validate(recipe: Recipe, path: Path) -> None:
         raise BuildError(f"recipe {path}: overlong must be truncate or drop, not {recipe.overlong!r}")
     if recipe.packing not in ("mixed", "per_task"):
         raise BuildError(f"recipe {path}: packing must be mixed or per_task, not {recipe.packing!r}")
+    if not isinstance(recipe.max_row_bytes, int) or recipe.max_row_bytes <= 0:
+        raise BuildError(f"recipe {path}: max_row_bytes must be a positive integer, not {recipe.max_row_bytes!r}")
     for task in recipe.tasks:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", task.name) or task.name == "mixed":
             raise BuildError(f"recipe {path}: task name {task.name!r} must be [A-Za-z0-9_.-]+ and not 'mixed'")

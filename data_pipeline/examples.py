@@ -15,11 +15,15 @@ from typing import Any
 BAD_INPUT_REASONS = (
     "malformed_json",   # the line (or file) is not valid JSON
     "invalid_utf8",     # bytes that are not UTF-8
+    "not_object",       # the line (or list element) is valid JSON but not an object: a list, number, string, null
     "missing_field",    # a required field is absent
-    "wrong_type",       # a field is present with a non-string value (or the row is not an object)
+    "null_field",       # a required field is null
+    "wrong_type",       # a field is present with a value of the wrong type (a number where text belongs, ...)
     "empty_response",   # the output is empty or whitespace
     "empty_prompt",     # instruction and input are both empty
     "unknown_task",     # the row names a task that the recipe does not list
+    "oversized_row",    # the example's text exceeds the recipe's max_row_bytes (never silently truncated)
+    "duplicate",        # same task, instruction, input and output as an earlier row (recipe dedupe: true)
 )
 POLICY_REASONS = ("too_long", "prompt_too_long")
 
@@ -56,7 +60,7 @@ def get_str(record: Any, key: str, required: bool = True, default: str = "") -> 
         raise BadRow("wrong_type", f"row is a {type(record).__name__}, not an object")
     if key not in record or record[key] is None:
         if required:
-            raise BadRow("missing_field", key)
+            raise BadRow("missing_field" if key not in record else "null_field", key)
         return default
     value = record[key]
     if not isinstance(value, str):

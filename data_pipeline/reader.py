@@ -9,9 +9,12 @@ import numpy as np
 import torch
 
 from .sampler import EvalSampler, TrainSampler
-from .shards import INDEX_COLUMNS, INDEX_DTYPE, load_manifest
+from .shards import INDEX_COLUMNS, INDEX_DTYPE, check_shards, load_manifest, shard_sizes
 
 SAMPLINGS = ("mixture", "temperature", "sequential")
+# verify=None checksums the split's shards on open when they total less than this (sha256 runs
+# at ~1 GB/s: a couple of seconds once per run); larger splits get the size and index checks only.
+VERIFY_AUTO_BYTES = 2 << 30
 
 
 class ShardReader:
@@ -25,11 +28,16 @@ class ShardReader:
     Every batch is a dict of int64 tensors [B, L]: input_ids, labels (-100 where no loss),
     position_ids (restarting at every document), segment_ids (0 = padding, 1..n = document
     in the row) and task_ids (-1 on padding).
+
+    Damaged shards are refused on open (ValueError naming the file): their sizes and index are
+    always checked; `verify=True` also compares every shard's sha256 with the manifest, and the
+    default (None) does so when the split's shards total less than VERIFY_AUTO_BYTES.
     """
 
     def __init__(self, out_dir: str | Path, split: str = "train", rank: int = 0, world_size: int = 1,
                  micro_batch_size: int = 4, seed: int = 1234, tokenizer_fingerprint: Optional[str] = None,
-                 task_sampling: str = "mixture", temperature: float = 1.0, drop_last: bool = True):
+                 task_sampling: str = "mixture", temperature: float = 1.0, drop_last: bool = True,
+                 verify: Optional[bool] = None):
         self.out_dir = Path(out_dir)
         self.manifest = load_manifest(self.out_dir)
         ours = self.manifest["tokenizer"]["fingerprint"]
@@ -38,6 +46,7 @@ class ShardReader:
                              f"but the shards in {self.out_dir} were built with {ours}; rebuild them with it")
         if split not in self.manifest["splits"]:
             raise ValueError(f"no split {split!r} in {self.out_dir} (have {sorted(self.manifest['splits'])})")
+        self._check_files(split, verify)
         if task_sampling not in SAMPLINGS or not 0 <= rank < world_size:
             raise ValueError(f"bad reader arguments: task_sampling={task_sampling!r}, rank={rank}, world_size={world_size}")
         self.split, self.rank, self.world_size, self.micro_batch_size = split, rank, world_size, micro_batch_size
@@ -53,6 +62,26 @@ class ShardReader:
             self.sampler = EvalSampler(rows, rank, world_size, micro_batch_size, drop_last)
         self._positions = np.arange(self.seq_len, dtype=np.int64)
 
+    def _check_files(self, split: str, verify: Optional[bool]) -> None:
+        shards = self.manifest["splits"][split]["shards"]
+        if verify is None:
+            verify = sum(sum(shard_sizes(self.manifest, sh).values()) for sh in shards) < VERIFY_AUTO_BYTES
+        problems = check_shards(self.out_dir, self.manifest, [split], checksums=verify)
+        if problems:
+            raise ValueError(f"refusing damaged shards of {self.out_dir} ({split}): {'; '.join(problems)} "
+                             f"(python -m data_pipeline verify {self.out_dir} lists every problem; rebuild the data)")
+        self.verified = verify
+
+    def _check_index(self, path: Path, idx: np.ndarray, rows: int) -> None:
+        """Cheap bounds check of a shard's index: every document lies inside its row of the shard."""
+        row, start, length, loss_start, task = idx.T
+        ok = (idx.size == 0 or (row.min() >= 0 and row.max() < rows and start.min() >= 0 and length.min() > 0
+              and (start + length).max() <= self.seq_len and loss_start.min() >= 0 and (loss_start <= length).all()
+              and task.min() >= 0 and task.max() < len(self.tasks) and (np.diff(row) >= 0).all()))
+        if not ok:
+            raise ValueError(f"refusing damaged shard index {path}: a document lies outside its shard or names no task "
+                             f"(python -m data_pipeline verify {self.out_dir}; rebuild the data)")
+
     def _open_shards(self) -> None:
         dtype = np.dtype(self.manifest["dtype"])
         self.tokens, self.index, self.row_docs = [], [], []
@@ -61,6 +90,7 @@ class ShardReader:
             n = shard["sequences"]
             self.tokens.append(np.memmap(self.out_dir / shard["path"], dtype=dtype, mode="r", shape=(n, self.seq_len)))
             idx = np.fromfile(self.out_dir / shard["index_path"], dtype=INDEX_DTYPE).reshape(-1, len(INDEX_COLUMNS))
+            self._check_index(self.out_dir / shard["index_path"], idx, n)
             self.index.append(idx)
             self.row_docs.append(np.searchsorted(idx[:, 0], np.arange(n + 1)))
             row_task.append(idx[self.row_docs[-1][:-1], 4])  # a row's task: its first (longest) document's

@@ -92,38 +92,64 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's content without its own `manifest_sha256` (written last by the build)."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
 def load_manifest(out_dir: str | Path) -> dict:
-    """The manifest of a build directory, with a clear error when it is not one."""
+    """The manifest of a build directory, with a clear error when it is not one or was edited.
+
+    The manifest carries the sha256 of its own content (`manifest_sha256`): a hand-edited
+    manifest (a changed count, weight or checksum, or the key removed) is refused.
+    """
     path = Path(out_dir) / MANIFEST
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{out_dir} is not a data_pipeline build: cannot read {path}: {err}") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path}: not a data_pipeline manifest (a JSON {type(manifest).__name__}, not an object)")
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise ValueError(f"{path}: unsupported format {manifest.get('format')!r} v{manifest.get('version')}")
+    if manifest.get("manifest_sha256") != manifest_digest(manifest):
+        why = "has no manifest_sha256" if "manifest_sha256" not in manifest else "no longer matches its manifest_sha256"
+        raise ValueError(f"{path}: {why}: edited after the build (or built before manifests were sealed); "
+                         "rebuild the data instead of editing the manifest")
     return manifest
+
+
+def shard_sizes(manifest: dict, shard: dict) -> dict:
+    """Expected byte size of a shard's .bin and .idx files, from the manifest."""
+    itemsize = np.dtype(manifest["dtype"]).itemsize
+    return {shard["path"]: shard["sequences"] * manifest["seq_len"] * itemsize,
+            shard["index_path"]: shard["documents"] * len(INDEX_COLUMNS) * INDEX_DTYPE.itemsize}
+
+
+def check_shards(out_dir: str | Path, manifest: dict, splits=None, checksums: bool = True) -> list[str]:
+    """Problems of the shards of `splits` (default: all): missing, wrong size, and (checksums) sha256."""
+    out_dir = Path(out_dir)
+    problems = []
+    for split in manifest["splits"] if splits is None else splits:
+        for shard in manifest["splits"][split]["shards"]:
+            for rel, size in shard_sizes(manifest, shard).items():
+                path = out_dir / rel
+                digest = shard["sha256" if rel == shard["path"] else "index_sha256"]
+                if not path.is_file():
+                    problems.append(f"{rel}: missing")
+                elif path.stat().st_size != size:
+                    problems.append(f"{rel}: size {path.stat().st_size} != {size} (truncated or extended)")
+                elif checksums and sha256_file(path) != digest:
+                    problems.append(f"{rel}: sha256 mismatch (damaged)")
+    return problems
 
 
 def verify(out_dir: str | Path) -> list[str]:
     """Re-check every file of the build against the manifest; returns the problems found."""
     out_dir = Path(out_dir)
     manifest = load_manifest(out_dir)
-    itemsize = np.dtype(manifest["dtype"]).itemsize
-    problems = []
-    for split, info in manifest["splits"].items():
-        for shard in info["shards"]:
-            expected_sizes = {shard["path"]: shard["sequences"] * manifest["seq_len"] * itemsize,
-                              shard["index_path"]: shard["documents"] * len(INDEX_COLUMNS) * INDEX_DTYPE.itemsize}
-            for key in ("path", "index_path"):
-                rel = shard[key]
-                path = out_dir / rel
-                digest = shard["sha256" if key == "path" else "index_sha256"]
-                if not path.is_file():
-                    problems.append(f"{rel}: missing")
-                elif path.stat().st_size != expected_sizes[rel]:
-                    problems.append(f"{rel}: size {path.stat().st_size} != {expected_sizes[rel]} (truncated or extended)")
-                elif sha256_file(path) != digest:
-                    problems.append(f"{rel}: sha256 mismatch (damaged)")
+    problems = check_shards(out_dir, manifest)
     for rel, digest in manifest.get("files", {}).items():
         path = out_dir / rel
         if not path.is_file() or sha256_file(path) != digest:

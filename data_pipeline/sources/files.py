@@ -86,15 +86,28 @@ def iter_parquet(path: Path) -> Iterator[tuple[int, Record]]:
             yield row, record
 
 
-def iter_records(path: Path) -> Iterator[tuple[int, Record]]:
-    """Pick the reader by extension: .jsonl/.ndjson, .json (a list, or JSON lines), .parquet."""
+def iter_records(path: Path) -> Iterator[tuple[int, Union[dict, BadRow]]]:
+    """Pick the reader by extension: .jsonl/.ndjson, .json (a list, or JSON lines), .parquet.
+
+    Every record of every format is an object: valid JSON of another kind (a list, number,
+    string or null) becomes a `not_object` BadRow here, so adapters only ever see dicts.
+    """
     suffix = Path(path).suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
-        return iter_jsonl(path)
-    if suffix == ".parquet":
-        return iter_parquet(path)
-    if suffix == ".json":
+        records = iter_jsonl(path)
+    elif suffix == ".parquet":
+        records = iter_parquet(path)
+    elif suffix == ".json":
         with open(path, "rb") as f:
             head = f.read(4096).lstrip()
-        return iter_json_array(path) if head.startswith(b"[") else iter_jsonl(path)
-    raise ValueError(f"unsupported file type {path} (expected .json, .jsonl or .parquet)")
+        records = iter_json_array(path) if head.startswith(b"[") else iter_jsonl(path)
+    else:
+        raise ValueError(f"unsupported file type {path} (expected .json, .jsonl or .parquet)")
+    return _objects_only(records)
+
+
+def _objects_only(records: Iterator[tuple[int, Record]]) -> Iterator[tuple[int, Union[dict, BadRow]]]:
+    for line, record in records:
+        if not isinstance(record, (dict, BadRow)):
+            record = BadRow("not_object", f"row is {'null' if record is None else type(record).__name__}")
+        yield line, record

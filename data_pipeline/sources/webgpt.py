@@ -70,9 +70,10 @@ def _clapnq_example(record, task, source, line):
         return record
     try:
         query = get_str(record, "input")
-        passages, outputs = record.get("passages"), record.get("output")
-        if passages is None or outputs is None:
-            raise BadRow("missing_field", "passages" if passages is None else "output")
+        for key in ("passages", "output"):
+            if record.get(key) is None:
+                raise BadRow("missing_field" if key not in record else "null_field", key)
+        passages, outputs = record["passages"], record["output"]
         if not isinstance(passages, list) or not isinstance(outputs, list):
             raise BadRow("wrong_type", "passages and output must be lists")
         if not passages or not outputs:

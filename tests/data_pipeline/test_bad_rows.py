@@ -21,7 +21,10 @@ BAD_LINES = {
     6: (json.dumps({"instruction": "x", "output": "   ", "task": "a"}).encode(), "empty_response"),
     7: (json.dumps({"instruction": " ", "input": "", "output": "y", "task": "a"}).encode(), "empty_prompt"),
     8: (json.dumps({"instruction": "x", "output": "y", "task": "nope"}).encode(), "unknown_task"),
-    9: (b'["not", "an", "object"]', "wrong_type"),
+    9: (b'["not", "an", "object"]', "not_object"),
+    10: (json.dumps({"instruction": "x", "output": None, "task": "a"}).encode(), "null_field"),
+    11: (json.dumps(GOOD).encode(), "duplicate"),  # of line 1: the first copy is kept
+    12: (json.dumps({"instruction": "x", "output": "y" * 3000, "task": "a"}).encode(), "oversized_row"),
 }
 
 
@@ -31,7 +34,8 @@ def make_inputs(tmp_path: Path) -> str:
     # a JSON list whose second element holds bytes that are not UTF-8
     (tmp_path / "list.json").write_bytes(b'[\n {"instruction": "ok", "output": "fine"},\n {"instruction": "\xff\xfe", "output": "z"}\n]\n')
     return write_recipe(tmp_path / "r.yaml", {"a": [{"type": "alpaca", "path": "bad.jsonl", "task_field": "task"},
-                                                    {"type": "alpaca", "path": "list.json"}]})
+                                                    {"type": "alpaca", "path": "list.json"}]},
+                        max_row_bytes=2000)
 
 
 def test_every_bad_row_is_counted_with_file_and_line(tmp_path, embedded_build):
@@ -40,9 +44,10 @@ def test_every_bad_row_is_counted_with_file_and_line(tmp_path, embedded_build):
                                     tokenizer=str(embedded_build / "tokenizer"), progress=False))
     manifest = load_manifest(out)
     (task,) = manifest["tasks"]
-    assert task["rows_read"] == 10 + 2 and task["kept"] == 3
-    assert task["dropped"] == {"malformed_json": 1, "invalid_utf8": 2, "missing_field": 1, "wrong_type": 2,
-                               "empty_response": 1, "empty_prompt": 1, "unknown_task": 1}
+    assert task["rows_read"] == 13 + 2 and task["kept"] == 3
+    assert task["dropped"] == {"malformed_json": 1, "invalid_utf8": 2, "not_object": 1, "missing_field": 1,
+                               "null_field": 1, "wrong_type": 1, "empty_response": 1, "empty_prompt": 1,
+                               "unknown_task": 1, "duplicate": 1, "oversized_row": 1}
     report = [json.loads(line) for line in (Path(out) / "bad_rows.jsonl").read_text().splitlines()]
     got = {(Path(r["file"]).name, r["line"], r["reason"]) for r in report}
     want = {("bad.jsonl", line, reason) for line, (_, reason) in BAD_LINES.items()} | {("list.json", 3, "invalid_utf8")}

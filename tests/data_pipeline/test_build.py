@@ -127,7 +127,10 @@ def test_hycam5_real_build(tmp_path, shared_data, embedded_build):
                                     tokenizer=str(embedded_build / "tokenizer"), workers=2, progress=False))
     m = load_manifest(out)
     rows = {t["name"]: (t["rows_read"], t["kept"]) for t in m["tasks"]}
-    assert rows["auto_cot"] == (5816, 5816) and rows["dolly"] == (6400, 6400) and rows["icliniq"] == (1000, 1000)
+    # the real files repeat 11 Auto-CoT and 3 Dolly examples verbatim: later copies are dropped as duplicates
+    assert rows["auto_cot"] == (5816, 5805) and rows["dolly"] == (6400, 6397) and rows["icliniq"] == (1000, 1000)
+    dropped = {t["name"]: t["dropped"] for t in m["tasks"]}
+    assert dropped["auto_cot"] == {"duplicate": 11} and dropped["dolly"] == {"duplicate": 3}
     assert rows["code_alpaca"][1] >= 2000 and rows["webgpt"][1] >= 800
     assert m["splits"]["train"]["packing_efficiency"] >= 0.98
     assert verify(out) == []

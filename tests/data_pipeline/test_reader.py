@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from data_pipeline import ShardReader, load_manifest
+from data_pipeline.shards import manifest_digest
 
 
 def rows_of(batch):
@@ -112,6 +113,7 @@ def test_mixture_weights_steer_task_frequencies(tmp_path, embedded_build):
     m = json.loads((out / "manifest.json").read_text())
     for t in m["tasks"]:
         t["weight"] = 1.0 if t["name"] == "general" else 0.0
+    m["manifest_sha256"] = manifest_digest(m)  # a deliberate edit re-seals the manifest (an unsealed one is refused)
     (out / "manifest.json").write_text(json.dumps(m))
     reader = ShardReader(out, micro_batch_size=8, seed=0)
     general = [t for t in m["tasks"] if t["name"] == "general"][0]["id"]
