@@ -116,13 +116,19 @@ def read_adapter(directory: str | os.PathLike) -> tuple[HyCAMConfig, dict[str, t
         manifest = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise AdapterError(f"{manifest_path}: unreadable manifest ({err})") from None
-    if manifest.get("format") != FORMAT:
-        raise AdapterError(f"{manifest_path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise AdapterError(f"{manifest_path}: format {found!r}, expected {FORMAT!r}")
+    for key in ("sha256", "backbone", "tensors"):
+        if not isinstance(manifest.get(key), dict):
+            raise AdapterError(f"{manifest_path}: field {key!r} is missing or not an object")
+    if set(manifest["backbone"]) != {"model_type", "hidden_size", "num_hidden_layers"}:
+        raise AdapterError(f"{manifest_path}: field 'backbone' must name model_type, hidden_size and num_hidden_layers")
     for name in (WEIGHTS_FILE, CONFIG_FILE):
         path = directory / name
         if not path.is_file():
             raise AdapterError(f"{path}: missing")
-        actual, recorded = _sha256(path), manifest.get("sha256", {}).get(name)
+        actual, recorded = _sha256(path), manifest["sha256"].get(name)
         if actual != recorded:
             raise AdapterError(f"{path}: checksum mismatch (sha256 {actual[:12]}..., manifest says {str(recorded)[:12]}...): the file is damaged or was modified")
     try:

@@ -251,10 +251,8 @@ def test_damaged_adapter_files(adapter, fault_table):
     assert all(all(r) for r in cases.values()), cases
 
 
-# hycam_ds/adapter_io.py (not ours to edit) reads the manifest's fields without checking their
-# structure: a hand-edited manifest that is valid JSON of the wrong shape escapes as
-# AttributeError/KeyError instead of an AdapterError naming manifest.json. Reported; strict
-# xfail so the test flags when it is fixed.
+# A hand-edited manifest that is valid JSON of the wrong shape must be an AdapterError naming
+# manifest.json (it used to escape as AttributeError/KeyError).
 WRONG_SHAPE_MANIFESTS = {
     "a JSON list": lambda m: [1, 2],
     "sha256 not an object": lambda m: {**m, "sha256": "x"},
@@ -262,7 +260,6 @@ WRONG_SHAPE_MANIFESTS = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="adapter_io.read_adapter does not validate the manifest's structure (reported)")
 def test_adapter_manifest_of_the_wrong_shape(adapter, fault_table):
     manifest = json.loads((adapter / "manifest.json").read_text())
     results = []
@@ -272,6 +269,5 @@ def test_adapter_manifest_of_the_wrong_shape(adapter, fault_table):
             results.append(_adapter_refused(adapter, "manifest.json"))
         except Exception:  # refused, but not with a message naming the file
             results.append(False)
-    _record(fault_table, "adapter manifest of the wrong shape (known defect)", results,
-            "AttributeError/KeyError, not AdapterError: defect in hycam_ds/adapter_io.py")
+    _record(fault_table, "adapter manifest of the wrong shape", results, "load_adapter: AdapterError naming manifest.json")
     assert all(results)
