@@ -86,6 +86,11 @@ class PreemptionGuard:
         """True once `should_stop()` has returned True (the same on every rank)."""
         return self._stop
 
+    @property
+    def requeue_requested(self) -> bool:
+        """True when the decided stop came from a requeue signal (SIGUSR1) on some rank."""
+        return self._wants_requeue
+
     def should_stop(self) -> bool:
         """Collective: True on every rank if any rank has received one of the signals.
 

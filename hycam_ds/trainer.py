@@ -321,14 +321,14 @@ class Trainer:
                 if cfg.logging.eval_every and self.step % cfg.logging.eval_every == 0 and self.step < cfg.optim.max_steps:
                     self.evaluate()
                 if guard.should_stop():
-                    outcome = "preempted"
+                    outcome = "preempted" if guard.requeue_requested else "stopped"  # SIGTERM: cancelled, not requeued
                     break
                 if cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0 and self.step < stop_at:
                     self.save_checkpoint()
             # Skipped steps leave the weights untouched: after a run of bad steps this checkpoint
             # holds the last good weights (and the data position past the bad batches).
             self.save_checkpoint()
-            if outcome == "preempted":
+            if outcome in ("preempted", "stopped") and guard.preempted:
                 guard.requeue()
             elif outcome == "completed" and self.step < cfg.optim.max_steps:
                 outcome = "stopped"

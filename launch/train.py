@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     rank = os.environ.get("RANK", "0")
     # DeepSpeed 0.19 calls a torch.distributed function that torch 2.13 deprecates, every step.
-    warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*(reduce_scatter_tensor|all_gather_into_tensor).*", category=FutureWarning)
     logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
     try:

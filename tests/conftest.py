@@ -33,3 +33,23 @@ def embedded_data(tmp_path_factory):
     build_dataset(BuildConfig(recipe=str(REPO / "data_pipeline/recipes/embedded.yaml"), out=str(out),
                               train_tokenizer=True, vocab_size=3000, seq_len=128, progress=False))
     return out
+
+
+# The fault-injection battery's results table (issue 7): tests in tests/faults and tests/slurm
+# append rows; the table is printed at the end of the session and copied into README.
+_ROWS = []
+
+
+@pytest.fixture(scope="session")
+def fault_table():
+    """Append dicts {"item": "4 corrupt data", "case": str, "trials": int, "passed": int, "detail": str}."""
+    return _ROWS
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _ROWS:
+        terminalreporter.write_line("")
+        terminalreporter.write_line("| item | case | trials | passed | detail |")
+        terminalreporter.write_line("|---|---|---|---|---|")
+        for r in _ROWS:
+            terminalreporter.write_line(f"| {r['item']} | {r['case']} | {r['trials']} | {r['passed']} | {r['detail']} |")

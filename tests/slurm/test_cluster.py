@@ -139,7 +139,8 @@ def test_two_node_job_completes(slurm_cluster, tmp_path):
     assert "preflight: all 2 ranks reachable (127.0.0.1:" in log
 
 
-def test_preemption_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path):
+@pytest.mark.faults
+def test_preemption_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path, fault_table):
     run_dir = tmp_path / "run"
     t0 = time.monotonic()
     job = _submit(slurm_cluster, tmp_path, _job_env(slurm_cluster, run_dir),
@@ -179,6 +180,9 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path):
     # Steps done after the checkpoint and redone after the resume: at most one.
     assert len(steps) - MAX_STEPS <= 1, steps
     assert all(math.isfinite(m["loss"]) for m in metrics)
+    fault_table.append({"item": "3 preemption (real local SLURM)", "case": "scancel --batch --signal=USR1 mid-run", "trials": 1, "passed": 1,
+                        "detail": f"both ranks stopped at the same step, requeued once, resumed from step {resume_step}, "
+                                  f"{MAX_STEPS}/{MAX_STEPS} steps, {len(steps) - MAX_STEPS} step redone"})
 
 
 def test_cancel_checkpoints_and_does_not_requeue(slurm_cluster, tmp_path):
