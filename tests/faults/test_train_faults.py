@@ -34,8 +34,9 @@ def _trace(run_dir):
 
 
 def _args(run_dir, data_dir, **extra):
+    # tiny-llama: a trial's time is then mostly process start-up, so the long variants stay affordable
     return quick_args(run_dir, data_dir, steps=STEPS, **{"checkpoint.save_every": SAVE_EVERY, "logging.eval_every": 0,
-                                                         "checkpoint.export_adapter": "false", **extra})
+                                                         "checkpoint.export_adapter": "false", "model.name": "tiny-llama", **extra})
 
 
 @pytest.fixture(scope="module")
