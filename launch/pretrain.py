@@ -91,6 +91,9 @@ class PretrainConfig:
     """Held-out blocks per evaluation (at most); fixed blocks, so figures are comparable."""
     ckpt_minutes: float = 5.0
     """Resumable checkpoint into <out>.partial/ this often; 0 disables."""
+    init: Optional[str] = None
+    """Continue pretraining a backbone this script saved (its weights and tokenizer; the size flags
+    are then ignored). The held-out split is deterministic, so its perplexities stay comparable."""
     resume: bool = False
     """Continue from <out>.partial/ (tokenizer and training state)."""
     seed: int = 0
@@ -184,6 +187,8 @@ def task_texts(recipe_path: str, data_root: Optional[str]) -> Iterator[str]:
 
 def build_tokenizer(cfg: PretrainConfig, train_docs: list[str], partial: Path):
     """Train (or, on resume, reload) the tokenizer in <out>.partial/tokenizer."""
+    if cfg.init:
+        return load_tokenizer(cfg.init)
     target = partial / "tokenizer"
     if not (cfg.resume and (target / "tokenizer.json").is_file()):
         # Sentences, not whole documents: SentencePiece samples and caps the length of its inputs.
@@ -218,8 +223,10 @@ def build_data(tok, train_docs: list[str], held_docs: list[str]) -> tuple[torch.
 
 
 def build_model(cfg: PretrainConfig, tok):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+    if cfg.init:
+        return AutoModelForCausalLM.from_pretrained(cfg.init, attn_implementation="sdpa", dtype=torch.float32)
     config = LlamaConfig(
         vocab_size=len(tok), hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
         num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
@@ -290,7 +297,8 @@ class FitState:
 def fit(cfg: PretrainConfig, model, train: torch.Tensor, held_blocks: torch.Tensor, partial: Path) -> FitState:
     """The training loop: random contiguous blocks, fixed-time or fixed-step budget, periodic eval."""
     opt = make_optimizer(cfg, model)
-    state, gen = FitState(), torch.Generator().manual_seed(cfg.seed)
+    # A continued backbone must draw new blocks, not replay the ones its first run drew.
+    state, gen = FitState(), torch.Generator().manual_seed(cfg.seed + _init_tokens(cfg))
     ckpt = partial / "state.pt"
     if cfg.resume and ckpt.is_file():
         saved = torch.load(ckpt, weights_only=False)
@@ -355,7 +363,7 @@ def save(cfg: PretrainConfig, model, tok, state: FitState, n_train: int, n_held:
     metrics = {
         "params": sum(p.numel() for p in model.parameters()),
         "params_non_embedding": sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n),
-        "steps": state.step, "tokens_seen": state.tokens, "train_tokens": n_train, "held_out_tokens": n_held,
+        "steps": state.step, "tokens_seen": state.tokens, "tokens_seen_total": state.tokens + _init_tokens(cfg), "train_tokens": n_train, "held_out_tokens": n_held,
         "epochs": state.tokens / max(n_train, 1),
         "held_out_ppl_before": state.evals[0][1], "held_out_ppl_after": state.evals[-1][1],
         "held_out_ppl_curve": state.evals,
@@ -374,6 +382,15 @@ def save(cfg: PretrainConfig, model, tok, state: FitState, n_train: int, n_held:
     else:
         os.replace(tmp, out)
     return metrics
+
+
+def _init_tokens(cfg: PretrainConfig) -> int:
+    """Tokens the --init backbone had already seen (from its metrics.json), for the running total."""
+    path = Path(cfg.init or "/nonexistent") / "metrics.json"
+    if not path.is_file():
+        return 0
+    metrics = json.loads(path.read_text())
+    return metrics.get("tokens_seen_total", metrics.get("tokens_seen", 0))
 
 
 def plot_loss(state: FitState, path: Path) -> None:

@@ -2,7 +2,7 @@
 
 The output must load like a hub backbone (AutoModelForCausalLM / AutoTokenizer, sdpa, generate),
 training must lower the held-out perplexity, and metrics.json must hold the reported figures.
-One run of ~20 s (imports, tokenizer, 25 steps) serves every check.
+One run of ~20 s (imports, tokenizer, 25 steps) serves every check; a second one continues it (--init).
 """
 
 import json
@@ -80,7 +80,21 @@ def test_training_lowers_held_out_perplexity_and_reports_it(trained):
 
 def test_save_is_atomic_and_leaves_nothing_behind(trained):
     out, _ = trained
-    assert sorted(p.name for p in out.parent.iterdir()) == ["backbone", "text"]  # no .partial, no temp dirs
+    leftovers = [p.name for p in out.parent.iterdir() if p.name.startswith(".") or p.name.endswith(".partial")]
+    assert leftovers == []  # no temporary save directory, no checkpoint directory
+
+
+def test_init_continues_the_same_backbone_on_the_same_held_out_text(trained):
+    out, _ = trained
+    more = out.parent / "more"
+    args = [sys.executable, str(SCRIPT), "--out", str(more), "--init", str(out), "--text-dir", str(out.parent / "text"),
+            "--task-recipe", str(EMBEDDED), "--seq-len", "64", "--batch", "8", "--steps", "5", "--eval-blocks", "16"]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-4000:]
+    first, second = (json.loads((d / "metrics.json").read_text()) for d in (out, more))
+    assert second["held_out_ppl_before"] == pytest.approx(first["held_out_ppl_after"], rel=1e-4)
+    assert second["tokens_seen_total"] == first["tokens_seen"] + 5 * 8 * 64
+    assert (more / "tokenizer.json").read_text() == (out / "tokenizer.json").read_text()
 
 
 def test_detokenize_undoes_gutenberg_word_splitting():
