@@ -3,12 +3,19 @@ launcher for more."""
 
 import json
 import os
-import random
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A port nobody listens on now (a random one can collide with another job's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_train(args, nprocs=1, timeout=600, check=True, env=None):
@@ -17,7 +24,7 @@ def run_train(args, nprocs=1, timeout=600, check=True, env=None):
     if nprocs == 1:
         cmd = [sys.executable, str(REPO / "launch/train.py"), *args]
     else:
-        port = str(random.randint(20000, 40000))
+        port = str(free_port())
         cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nprocs), "--master_port", port,
                str(REPO / "launch/train.py"), *args]
     result = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)

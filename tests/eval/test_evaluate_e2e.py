@@ -3,13 +3,13 @@ the report holds every task, and generation with the adapter equals generation w
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from run_helpers import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -37,7 +37,7 @@ def test_one_process_and_two_ranks_give_the_same_report(trained_run, tmp_path):
     common = ["--run-dir", str(trained_run), "--max-examples", "3", "--max-new-tokens", "12", "--batch-size", "4",
               "--general-text", str(general), "--general-tokens", "3000", "--no-progress"]
     _run([sys.executable, "launch/evaluate.py", *common, "--out", str(tmp_path / "one")])
-    port = str(random.randint(20000, 40000))
+    port = str(free_port())
     _run([str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", port, "launch/evaluate.py",
           "--ds_config", "ds_configs/zero3.json", *common, "--out", str(tmp_path / "two")])
     one = json.loads((tmp_path / "one/report.json").read_text())
