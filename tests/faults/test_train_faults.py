@@ -52,6 +52,7 @@ def _trials(request, short, long):
     return long if request.config.getoption("--runslow") else short
 
 
+@pytest.mark.timeout(3600)  # the long variant: 20 trials of two 2-rank runs each
 def test_kill_rank_at_random_steps_then_resume_is_exact(request, tmp_path, embedded_data, baseline, fault_table):
     rng = random.Random(7)
     trials = _trials(request, 2, 20)
@@ -72,13 +73,14 @@ def test_kill_rank_at_random_steps_then_resume_is_exact(request, tmp_path, embed
 SAVE_POINTS = [(1, "engine"), (0, "rank_files"), (0, "manifest"), (0, "published")]
 
 
+@pytest.mark.timeout(3600)
 def test_kill_during_checkpoint_save_never_resumes_from_a_partial_checkpoint(request, tmp_path, embedded_data, baseline, fault_table):
     from hycam_ds import checkpointing as ckpt
 
     cases = SAVE_POINTS if not request.config.getoption("--runslow") else [
         (rank, point, step) for step in (4, 6) for rank in (0, 1) for point in ("engine", "rank_files", "manifest", "published")
         if not (rank == 1 and point in ("manifest", "published"))] + [(0, p, 2) for p in ("engine", "rank_files", "manifest", "published")] \
-        + [(1, "engine", 8), (0, "manifest", 8)]
+        + [(1, "engine", 2), (1, "rank_files", 2), (1, "engine", 8), (0, "manifest", 8)]
     passed = 0
     for trial, case in enumerate(cases):
         rank, point, step = (*case, 4) if len(case) == 2 else case
