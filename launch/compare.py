@@ -70,12 +70,22 @@ def train_and_evaluate(name: str, overrides: list[str], args, out: Path, general
     train = [sys.executable, "launch/train.py", f"run_dir={run_dir}", *model, *data, *overrides, f"optim.max_steps={args.steps}",
              f"optim.warmup_steps={max(1, args.steps // 20)}", f"optim.micro_batch_size={args.micro_batch}", "logging.eval_every=0",
              f"checkpoint.save_every=0", "logging.progress=false"]
+    timing = out / slug / "timing.json"
+    report_path = eval_dir / "report.json"
+    if timing.is_file() and report_path.is_file():  # finished in an earlier, interrupted comparison
+        print(f"  reusing {out / slug}", flush=True)
+        return _row(name, run_dir, eval_dir, json.loads(timing.read_text())["train_seconds"])
     wall = run(train, out / f"{slug}.train.log")
     evaluate = [sys.executable, "launch/evaluate.py", "--run-dir", str(run_dir), "--out", str(eval_dir), "--max-examples", str(args.max_examples),
                 "--max-new-tokens", str(args.max_new_tokens), "--no-progress"]
     if general:
         evaluate += ["--general-text", general, "--general-tokens", str(args.general_tokens)]
     run(evaluate, out / f"{slug}.eval.log")
+    timing.write_text(json.dumps({"train_seconds": wall}))
+    return _row(name, run_dir, eval_dir, wall)
+
+
+def _row(name: str, run_dir: Path, eval_dir: Path, wall: float) -> dict:
     report = json.loads((eval_dir / "report.json").read_text())
     info = json.loads((run_dir / "run_info.json").read_text())
     curve = [(r["step"], r["train/lm_loss"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
