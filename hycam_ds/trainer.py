@@ -8,6 +8,7 @@ micro-batches and ranks, weighted by token count) + balance_weight * the router'
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -51,6 +52,18 @@ def ensure_distributed_env() -> None:
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
+def release_shm_buffers() -> None:
+    """Unlink this rank's /dev/shm buffer of DeepSpeed's CPU all-reduce (never removed by DeepSpeed:
+    each run leaked ~70 MB of RAM per rank here). Called at exit, and at start for a restart on the
+    same address and port (a requeued SLURM job), whose name cannot belong to a live job."""
+    import glob
+
+    pattern = f"/dev/shm/deepspeed_allreduce_buffer_*_{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}_{os.environ.get('RANK', '')}"
+    for path in glob.glob(pattern):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -91,6 +104,7 @@ class Trainer:
         from .distributed import init_timeout, preflight
 
         ensure_distributed_env()
+        release_shm_buffers()
         deepspeed.init_distributed(timeout=init_timeout())
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         preflight(timeout_s=init_timeout().total_seconds())
@@ -413,6 +427,7 @@ class Trainer:
         self.telemetry.close()
         if success and dist.is_initialized():
             self.record_peak_memory()
+            release_shm_buffers()
             # Peers may still be inside a collective after a failure: only the success path
             # tears down cleanly (else gloo threads abort with "terminate called ...").
             dist.barrier()
