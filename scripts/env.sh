@@ -21,6 +21,12 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   fi
   # compat mode puts the repository on sys.path: packages added later import without reinstalling
   "$venv/bin/pip" install -q -e "$root[dev]" --config-settings editable_mode=compat
+  if ! command -v nvidia-smi >/dev/null 2>&1; then
+    # DeepSpeed's CPU accelerator JIT-compiles its shared-memory all-reduce op at the first
+    # multi-process run (a minute or more on 2 cores): build it once here, not inside a timed job.
+    "$venv/bin/python" -c "from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder; ShareMemCommBuilder().load()" \
+      >/dev/null 2>&1 || echo "note: DeepSpeed's shm op was not prebuilt; the first run will build it"
+  fi
   echo "$want" > "$stamp"
 fi
 echo "$venv/bin/python"
