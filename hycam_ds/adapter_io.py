@@ -10,7 +10,6 @@ the previous adapter or the complete new one, never a mixture.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -22,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import HyCAMConfig
+from .fileio import sha256_file
 from .injection import _layout_for, _resolve, apply_hycam, hycam_named_parameters, hycam_state
 
 FORMAT = "hycam-adapter/1"
@@ -33,14 +33,6 @@ _STRUCTURAL_FIELDS = ("num_specialized", "rank", "alpha", "shared", "bias", "sit
 
 class AdapterError(ValueError):
     """An adapter directory that cannot be loaded into this model: the message says why."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _backbone_description(model: nn.Module) -> dict[str, object]:
@@ -84,7 +76,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, tensors: dict[s
             "format": FORMAT,
             "backbone": _backbone_description(model),
             "tensors": {name: {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")} for name, t in sorted(tensors.items())},
-            "sha256": {WEIGHTS_FILE: _sha256(staging / WEIGHTS_FILE), CONFIG_FILE: _sha256(staging / CONFIG_FILE)},
+            "sha256": {WEIGHTS_FILE: sha256_file(staging / WEIGHTS_FILE), CONFIG_FILE: sha256_file(staging / CONFIG_FILE)},
         }
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         _replace_directory(staging, destination)
@@ -128,7 +120,7 @@ def read_adapter(directory: str | os.PathLike) -> tuple[HyCAMConfig, dict[str, t
         path = directory / name
         if not path.is_file():
             raise AdapterError(f"{path}: missing")
-        actual, recorded = _sha256(path), manifest["sha256"].get(name)
+        actual, recorded = sha256_file(path), manifest["sha256"].get(name)
         if actual != recorded:
             raise AdapterError(f"{path}: checksum mismatch (sha256 {actual[:12]}..., manifest says {str(recorded)[:12]}...): the file is damaged or was modified")
     try:

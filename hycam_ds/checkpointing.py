@@ -19,7 +19,6 @@ is deserialised, so a planted file is never unpickled.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import random
@@ -30,6 +29,8 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+
+from .fileio import sha256_file
 
 CHECKPOINT_NAME = re.compile(r"^step_(\d{8})$")
 POINTER = "latest"
@@ -47,14 +48,6 @@ def checkpoint_name(step: int) -> str:
 
 def staging_dir(root: Path, step: int) -> Path:
     return root / f".staging-{checkpoint_name(step)}"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync_tree(directory: Path) -> None:
@@ -108,7 +101,7 @@ def publish(root: Path, step: int, keep_last: int, on_point: Callable[[str], Non
     `on_point(name)` is called between the stages (fault-injection tests kill the process there)."""
     stage, final = staging_dir(root, step), root / checkpoint_name(step)
     files = sorted(p for p in stage.rglob("*") if p.is_file())
-    manifest = {"step": step, "files": {str(p.relative_to(stage)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}}
+    manifest = {"step": step, "files": {str(p.relative_to(stage)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}}
     _fsync_tree(stage)
     write_json_atomic(stage / MANIFEST, manifest)
     on_point("manifest")
@@ -154,7 +147,7 @@ def verify(checkpoint: Path) -> dict[str, Any]:
             raise CheckpointError(f"{manifest_path}: file {rel!r} points outside the checkpoint")
         if not path.is_file():
             raise CheckpointError(f"{path}: missing from checkpoint")
-        if path.stat().st_size != meta["bytes"] or _sha256(path) != meta["sha256"]:
+        if path.stat().st_size != meta["bytes"] or sha256_file(path) != meta["sha256"]:
             raise CheckpointError(f"{path}: does not match the checkpoint manifest (damaged or modified)")
     present = {str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*") if p.is_file()} - {MANIFEST}
     unexpected = sorted(present - set(manifest.get("files", {})))
