@@ -22,16 +22,18 @@ import hycam_ds as H
 from hycam_ds.backbones import build_backbone
 from hycam_ds.injection import hycam_layers
 from hycam_ds.layer import HyCAMAttention
+from hycam_ds.modulation import set_kernel
 
 
 class AuthorsLoopModulation(nn.Module):
     """HyCAM as the authors' code computes it: one nn.Linear triple per expert in a Python loop,
     every expert's output stacked to [T, N_s, d], hard one-hot Gumbel weights, weighted sum."""
 
-    def __init__(self, hidden: int, config: H.HyCAMConfig):
+    def __init__(self, hidden: int, config: H.HyCAMConfig, state):
         super().__init__()
         n, r = config.num_specialized, config.rank
         self.config = config
+        object.__setattr__(self, "_state", state)  # the wrapper reads it (disable_hycam)
         self.shared = nn.Linear(hidden, hidden, bias=False)
         self.lora_a = nn.ModuleList(nn.Linear(hidden, r, bias=False) for _ in range(n))
         self.lora_n = nn.ModuleList(nn.Linear(r, r, bias=False) for _ in range(n))
@@ -62,13 +64,13 @@ def build_variant(name: str, args) -> tuple[nn.Module, list[nn.Parameter]]:
 
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
         return model, [p for p in model.parameters() if p.requires_grad]
-    routing = "hard" if "hard" in name else "soft"
+    routing = "hard" if "hard" in name else "soft"  # "auto" kernel: compiled at this size
     H.apply_hycam(model, H.HyCAMConfig(routing=routing))
     H.set_record_stats(model, False)
     if name.startswith("authors"):
         for module in model.modules():
             if isinstance(module, HyCAMAttention):
-                module.hycam = AuthorsLoopModulation(args.hidden, module.hycam.config)
+                module.hycam = AuthorsLoopModulation(args.hidden, module.hycam.config, module.hycam._state)
         return model, [p for n, p in model.named_parameters() if ".hycam." in n]
     return model, H.hycam_parameters(model)
 
@@ -117,18 +119,22 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    names = ["frozen backbone", "PEFT LoRA r=8 (q,k,v,o)", "authors' loop (hard Gumbel)", "hycam-ds soft (paper)", "hycam-ds hard"]
+    names = ["frozen backbone", "PEFT LoRA r=8 (q,k,v,o)", "authors' loop (hard Gumbel)", "hycam-ds soft (paper)",
+             "hycam-ds soft, eager kernel", "hycam-ds hard"]
     ids = torch.randint(0, args.vocab, (args.batch, args.seq))
     variants = {}
     for name in names:
         model, params = build_variant(name, args)
         optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
         total = sum(p.numel() for p in model.parameters())
-        variants[name] = dict(model=model, optimizer=optimizer, times=[], trainable=sum(p.numel() for p in params) / total)
+        variants[name] = dict(model=model, optimizer=optimizer, times=[], trainable=sum(p.numel() for p in params) / total,
+                              kernel="eager" if "eager kernel" in name else "auto")
     for name, v in variants.items():
+        set_kernel(v["kernel"])  # the first call also compiles the kernel: outside the timed steps
         v["saved"] = saved_activation_bytes(v["model"], ids)
     for round_index in range(args.warmup + args.steps):  # round-robin: noise hits every variant alike
         for v in variants.values():
+            set_kernel(v["kernel"])
             elapsed = one_step(v["model"], v["optimizer"], ids)
             if round_index >= args.warmup:
                 v["times"].append(elapsed)

@@ -49,6 +49,40 @@ def init_timeout(default_s: float = DEFAULT_TIMEOUT_S) -> datetime.timedelta:
     return datetime.timedelta(seconds=seconds)
 
 
+#: A torch extension build lock older than this was left by a killed process, not a running build.
+STALE_BUILD_LOCK_S = 600.0
+
+
+def stale_extension_locks(max_age_s: float = STALE_BUILD_LOCK_S) -> list[str]:
+    """Build locks of torch C++ extensions (DeepSpeed's ops) left behind by killed processes.
+
+    torch's FileBaton takes a plain lock file while it checks or builds an op (DeepSpeed's CPU
+    all-reduce op on every init_distributed here). A process killed while holding it leaves the
+    file, and every later job waits for it forever inside init_distributed, with no message.
+    """
+    import glob
+
+    roots = [os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions")]
+    now = time.time()
+    stale = []
+    for pattern in ("*/lock", "*/*/lock"):
+        for path in glob.glob(os.path.join(roots[0], pattern)):
+            try:
+                if now - os.path.getmtime(path) > max_age_s:
+                    stale.append(path)
+            except OSError:
+                continue
+    return sorted(stale)
+
+
+def warn_stale_extension_locks() -> None:
+    """Say which lock file a hanging init_distributed would wait on (called before it)."""
+    for path in stale_extension_locks():
+        log.warning("%s is older than %.0f s: a process killed while building or loading a DeepSpeed op left it, "
+                    "and this job will wait for it forever. Remove it if no build is running (rm %s).",
+                    path, STALE_BUILD_LOCK_S, path)
+
+
 def _collective_device() -> torch.device:
     # NCCL only reduces CUDA tensors; gloo (and DeepSpeed's CPU backends) reduce CPU tensors.
     if "nccl" in str(dist.get_backend()).lower() and torch.cuda.is_available():

@@ -101,10 +101,11 @@ class Trainer:
     def setup(self) -> None:
         import deepspeed
 
-        from .distributed import init_timeout, preflight
+        from .distributed import init_timeout, preflight, warn_stale_extension_locks
 
         ensure_distributed_env()
         release_shm_buffers()
+        warn_stale_extension_locks()
         deepspeed.init_distributed(timeout=init_timeout())
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         preflight(timeout_s=init_timeout().total_seconds())

@@ -56,7 +56,7 @@ def pytest_terminal_summary(terminalreporter):
 
 
 def _mapped_shm_paths() -> set[str]:
-    """/dev/shm files some live process still has mapped (another test session's running job)."""
+    """/dev/shm files some live process has mapped."""
     import glob
 
     mapped = set()
@@ -69,17 +69,48 @@ def _mapped_shm_paths() -> set[str]:
     return mapped
 
 
+def _listening_ports() -> set[int]:
+    """Local TCP ports in LISTEN state. A job's rendezvous store listens on MASTER_PORT from before
+    DeepSpeed creates its all-reduce buffers until rank 0 exits."""
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if len(fields) > 3 and fields[3] == "0A":
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def _buffer_port(path: str) -> int | None:
+    # deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>
+    try:
+        return int(path.rsplit("_", 2)[1])
+    except (IndexError, ValueError):
+        return None
+
+
 @pytest.fixture(autouse=True)
 def _release_leaked_shm():
     """Runs killed on purpose (and DeepSpeed itself on CPU) leave /dev/shm all-reduce buffers
-    behind, ~70 MB each: remove those that appeared during a test and no live process maps
-    (a concurrent test session's job keeps its buffers)."""
+    behind, ~70 MB each: remove those that appeared during a test and belong to a dead job (no
+    process maps them, nothing listens on their rendezvous port), so that another session's
+    running job, even one still creating its buffers, keeps them."""
     import glob
 
     before = set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
     yield
     leaked = set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")) - before
-    for path in leaked - _mapped_shm_paths() if leaked else ():
+    if not leaked:
+        return
+    alive_ports, mapped = _listening_ports(), _mapped_shm_paths()
+    for path in leaked:
+        if path in mapped or _buffer_port(path) in alive_ports:
+            continue
         try:
             os.unlink(path)
         except OSError:

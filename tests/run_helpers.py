@@ -3,6 +3,7 @@ launcher for more."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -27,10 +28,23 @@ def run_train(args, nprocs=1, timeout=600, check=True, env=None):
         port = str(free_port())
         cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nprocs), "--master_port", port,
                str(REPO / "launch/train.py"), *args]
-    result = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    result = run_in_own_group(cmd, cwd=REPO, env=full_env, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}\n--- stderr ---\n{result.stderr[-6000:]}\n--- stdout ---\n{result.stdout[-3000:]}")
     return result
+
+
+def run_in_own_group(cmd, timeout, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run in a new session; on timeout the whole group is killed (the deepspeed
+    launcher's children included, which a plain timeout would leave running as orphans)."""
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        raise subprocess.TimeoutExpired(cmd, timeout, output=stdout, stderr=stderr) from None
+    return subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr)
 
 
 def train_losses(run_dir):

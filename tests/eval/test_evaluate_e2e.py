@@ -3,20 +3,19 @@ the report holds every task, and generation with the adapter equals generation w
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from run_helpers import free_port
+from run_helpers import free_port, run_in_own_group
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _run(cmd, **kw):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, **kw)
+    result = run_in_own_group(cmd, timeout=600, cwd=REPO, env=env, **kw)
     assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stderr[-5000:]}"
     return result
 
