@@ -22,7 +22,6 @@ import hycam_ds as H
 from hycam_ds.backbones import build_backbone
 from hycam_ds.injection import hycam_layers
 from hycam_ds.layer import HyCAMAttention
-from hycam_ds.modulation import set_kernel
 
 
 class AuthorsLoopModulation(nn.Module):
@@ -64,8 +63,9 @@ def build_variant(name: str, args) -> tuple[nn.Module, list[nn.Parameter]]:
 
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
         return model, [p for p in model.parameters() if p.requires_grad]
-    routing = "hard" if "hard" in name else "soft"  # "auto" kernel: compiled at this size
-    H.apply_hycam(model, H.HyCAMConfig(routing=routing))
+    routing = "hard" if "hard" in name else "soft"
+    experts = 0 if name.startswith("shared CAM alone") else 5
+    H.apply_hycam(model, H.HyCAMConfig(routing=routing, num_specialized=experts))
     H.set_record_stats(model, False)
     if name.startswith("authors"):
         for module in model.modules():
@@ -119,22 +119,19 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    names = ["frozen backbone", "PEFT LoRA r=8 (q,k,v,o)", "authors' loop (hard Gumbel)", "hycam-ds soft (paper)",
-             "hycam-ds soft, eager kernel", "hycam-ds hard"]
+    names = ["frozen backbone", "PEFT LoRA r=8 (q,k,v,o)", "authors' loop (hard Gumbel)", "hycam-ds soft (paper)", "hycam-ds hard",
+             "shared CAM alone (the floor: no experts)"]
     ids = torch.randint(0, args.vocab, (args.batch, args.seq))
     variants = {}
     for name in names:
         model, params = build_variant(name, args)
         optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
         total = sum(p.numel() for p in model.parameters())
-        variants[name] = dict(model=model, optimizer=optimizer, times=[], trainable=sum(p.numel() for p in params) / total,
-                              kernel="eager" if "eager kernel" in name else "auto")
+        variants[name] = dict(model=model, optimizer=optimizer, times=[], trainable=sum(p.numel() for p in params) / total)
     for name, v in variants.items():
-        set_kernel(v["kernel"])  # the first call also compiles the kernel: outside the timed steps
         v["saved"] = saved_activation_bytes(v["model"], ids)
     for round_index in range(args.warmup + args.steps):  # round-robin: noise hits every variant alike
         for v in variants.values():
-            set_kernel(v["kernel"])
             elapsed = one_step(v["model"], v["optimizer"], ids)
             if round_index >= args.warmup:
                 v["times"].append(elapsed)

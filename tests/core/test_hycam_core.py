@@ -105,14 +105,11 @@ def _autograd_reference(target, u, mid, spec_b, weights, scale, hard):
 @pytest.mark.parametrize("hard", [False, True])
 @pytest.mark.parametrize("with_shared", [True, False])
 @pytest.mark.parametrize("chunk_elements", [1 << 20, 80])
-@pytest.mark.parametrize("kernel", ["eager", "compiled"])
-def test_fused_modulation_gradients(hard, with_shared, chunk_elements, kernel, monkeypatch):
+def test_fused_modulation_gradients(hard, with_shared, chunk_elements, monkeypatch):
     from hycam_ds import modulation
     from hycam_ds.modulation import modulate
 
     monkeypatch.setattr(modulation, "_CPU_CHUNK_ELEMENTS", chunk_elements)  # 80: 2 rows per chunk
-    monkeypatch.setattr(modulation, "_kernel", kernel)
-    monkeypatch.setattr(modulation, "_compile_failed", False)
 
     g = torch.Generator().manual_seed(3)
     t, n, r, d = 11, 5, 3, 7
@@ -131,35 +128,6 @@ def test_fused_modulation_gradients(hard, with_shared, chunk_elements, kernel, m
     if not hard:
         assert torch.autograd.gradcheck(lambda *a: modulate(*a, 1.7, False), (*[x for x in inputs], weights)
                                         if with_shared else (inputs[0], None, inputs[2], inputs[3], weights))
-    assert not modulation._compile_failed, "the compiled kernel fell back to eager"
-    assert (kernel == "compiled") == bool(modulation._compiled), "the chosen kernel must be the one that ran"
-
-
-def test_kernel_choice_auto_threshold_and_compile_failure_falls_back(monkeypatch, caplog):
-    from hycam_ds import modulation
-
-    with pytest.raises(ValueError, match="kernel must be one of"):
-        modulation.set_kernel("triton")
-    monkeypatch.setattr(modulation, "_kernel", "auto")
-    monkeypatch.setattr(modulation, "_compile_failed", False)
-    assert not modulation._use_compiled(modulation._AUTO_COMPILE_ELEMENTS - 1)
-    assert modulation._use_compiled(modulation._AUTO_COMPILE_ELEMENTS)
-
-    def broken_compile(fn, **kwargs):
-        def run(*args):
-            raise RuntimeError("no C++ compiler found")
-        return run
-
-    monkeypatch.setattr(modulation, "_kernel", "compiled")
-    monkeypatch.setattr(modulation, "_compiled", {})
-    monkeypatch.setattr(modulation.torch, "compile", broken_compile)
-    g = torch.Generator().manual_seed(5)
-    target, u, mid, spec_b = (torch.randn(*s, generator=g) for s in [(6, 4), (6, 4), (6, 3, 2), (3, 2, 4)])
-    weights = torch.softmax(torch.randn(6, 3, generator=g), -1)
-    with caplog.at_level("WARNING", logger="hycam_ds.modulation"):
-        out = modulation.modulate(target, u, mid, spec_b, weights, 1.5, False)
-    assert "no C++ compiler found" in caplog.text and modulation._compile_failed
-    torch.testing.assert_close(out, _autograd_reference(target, u, mid, spec_b, weights, 1.5, False))
 
 
 def test_training_changes_only_hycam_and_router_learns():
