@@ -1,0 +1,32 @@
+"""The benchmarks still run (at toy sizes) and print every row they promise; figures are not
+checked here (timings belong to benchmarks, not tests)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run(script, *args, timeout=600):
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], cwd=REPO,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout
+
+
+def test_hycam_step_benchmark_prints_every_variant():
+    out = _run("bench_hycam_step.py", "--hidden", "64", "--layers", "2", "--seq", "32", "--batch", "1",
+               "--vocab", "256", "--steps", "1", "--warmup", "0")
+    for row in ("frozen backbone", "PEFT LoRA", "authors' loop", "hycam-ds soft (paper)", "hycam-ds hard", "shared CAM alone"):
+        assert f"| {row}" in out, f"missing row {row!r} in:\n{out}"
+    assert "vs the authors' loop" in out
+
+
+@pytest.mark.slow
+def test_train_methods_benchmark_prints_throughput_and_zero3_memory():
+    out = _run("bench_train_methods.py", "--steps", "1", "--seq-len", "64", "--batch", "1", timeout=900)
+    for row in ("| frozen backbone", "| hycam", "| lora", "| full", "| 1 |", "| 2 |"):
+        assert row in out, f"missing {row!r} in:\n{out}"
