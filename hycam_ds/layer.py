@@ -106,7 +106,7 @@ class HyCAMModulation(nn.Module):
         self.last_routing = {"weights": weights.view(*shape[:-1], -1), "logits": logits.view(*shape[:-1], -1)}
         mid = torch.einsum("tnr,nrs->tns", low_rank.reshape(-1, cfg.num_specialized, cfg.rank), self.spec_n)
         stats: dict | None = {} if state.record_stats else None
-        out = h2 + modulate(target, u, mid, self.spec_b, weights.to(h2.dtype), cfg.scaling, hard, stats)
+        out = modulate(h2, target, u, mid, self.spec_b, weights.to(h2.dtype), cfg.scaling, hard, stats)
         self.last_magnitudes = stats or {}
         return out.view(shape)
 

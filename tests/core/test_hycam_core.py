@@ -90,7 +90,7 @@ def test_matches_reference_equation(family, site, shared, bias):
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
 
 
-def _autograd_reference(target, u, mid, spec_b, weights, scale, hard):
+def _autograd_reference(residual, target, u, mid, spec_b, weights, scale, hard):
     """Same maths as hycam_ds.modulation with plain autograd (straight-through for hard)."""
     if hard:
         one_hot = F.one_hot(weights.argmax(-1), weights.shape[-1]).to(weights.dtype)
@@ -99,7 +99,7 @@ def _autograd_reference(target, u, mid, spec_b, weights, scale, hard):
     a = (weights.unsqueeze(-1) * experts).sum(1)
     if u is not None:
         a = a + F.silu(u)
-    return target * a
+    return residual + target * a
 
 
 @pytest.mark.parametrize("hard", [False, True])
@@ -117,7 +117,7 @@ def test_fused_modulation_gradients(hard, with_shared, chunk_elements, monkeypat
     def leaf(*shape):
         return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
 
-    inputs = [leaf(t, d), leaf(t, d) if with_shared else None, leaf(t, n, r), leaf(n, r, d)]
+    inputs = [leaf(t, d), leaf(t, d), leaf(t, d) if with_shared else None, leaf(t, n, r), leaf(n, r, d)]
     weights = torch.softmax(torch.randn(t, n, generator=g, dtype=torch.float64) * 3, -1).requires_grad_()
     grad_out = torch.randn(t, d, generator=g, dtype=torch.float64)
     ours = modulate(*inputs, weights, 1.7, hard)
@@ -127,7 +127,19 @@ def test_fused_modulation_gradients(hard, with_shared, chunk_elements, monkeypat
     torch.testing.assert_close(torch.autograd.grad(ours, leaves, grad_out), torch.autograd.grad(ref, leaves, grad_out))
     if not hard:
         assert torch.autograd.gradcheck(lambda *a: modulate(*a, 1.7, False), (*[x for x in inputs], weights)
-                                        if with_shared else (inputs[0], None, inputs[2], inputs[3], weights))
+                                        if with_shared else (inputs[0], inputs[1], None, inputs[3], inputs[4], weights))
+
+
+def test_fused_modulation_with_the_target_as_its_own_residual():
+    """site="attention" passes h_att as both residual and target: its gradient is the sum of both."""
+    from hycam_ds.modulation import modulate
+
+    g = torch.Generator().manual_seed(4)
+    h, u, mid, spec_b = (torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_() for s in [(9, 6), (9, 6), (9, 4, 2), (4, 2, 6)])
+    weights = torch.softmax(torch.randn(9, 4, generator=g, dtype=torch.float64), -1).requires_grad_()
+    assert torch.autograd.gradcheck(lambda h, *rest: modulate(h, h, *rest, 0.9, False), (h, u, mid, spec_b, weights))
+    torch.testing.assert_close(modulate(h, h, u, mid, spec_b, weights, 0.9, False),
+                               _autograd_reference(h, h, u, mid, spec_b, weights, 0.9, False))
 
 
 def test_training_changes_only_hycam_and_router_learns():
