@@ -1,4 +1,4 @@
-"""The fused HyCAM modulation: target * A with A = SiLU(u) + sum_k w_k SiLU(scale * B_k mid_k).
+"""The fused HyCAM modulation: residual + target * A, A = SiLU(u) + sum_k w_k SiLU(scale * B_k mid_k).
 
 Why a custom autograd function: the specialised part needs every expert's output per token,
 a [N_s, T, d] tensor. Letting autograd keep it (and its SiLU input, and the weighted copy) for
