@@ -28,11 +28,10 @@ class AuthorsLoopModulation(nn.Module):
     """HyCAM as the authors' code computes it: one nn.Linear triple per expert in a Python loop,
     every expert's output stacked to [T, N_s, d], hard one-hot Gumbel weights, weighted sum."""
 
-    def __init__(self, hidden: int, config: H.HyCAMConfig, state):
+    def __init__(self, hidden: int, config: H.HyCAMConfig):
         super().__init__()
         n, r = config.num_specialized, config.rank
         self.config = config
-        object.__setattr__(self, "_state", state)  # the wrapper reads it (disable_hycam)
         self.shared = nn.Linear(hidden, hidden, bias=False)
         self.lora_a = nn.ModuleList(nn.Linear(hidden, r, bias=False) for _ in range(n))
         self.lora_n = nn.ModuleList(nn.Linear(r, r, bias=False) for _ in range(n))
@@ -70,7 +69,7 @@ def build_variant(name: str, args) -> tuple[nn.Module, list[nn.Parameter]]:
     if name.startswith("authors"):
         for module in model.modules():
             if isinstance(module, HyCAMAttention):
-                module.hycam = AuthorsLoopModulation(args.hidden, module.hycam.config, module.hycam._state)
+                module.hycam = AuthorsLoopModulation(args.hidden, module.hycam.config)
         return model, [p for n, p in model.named_parameters() if ".hycam." in n]
     return model, H.hycam_parameters(model)
 

@@ -62,11 +62,11 @@ def stale_extension_locks(max_age_s: float = STALE_BUILD_LOCK_S) -> list[str]:
     """
     import glob
 
-    roots = [os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions")]
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions")
     now = time.time()
     stale = []
     for pattern in ("*/lock", "*/*/lock"):
-        for path in glob.glob(os.path.join(roots[0], pattern)):
+        for path in glob.glob(os.path.join(root, pattern)):
             try:
                 if now - os.path.getmtime(path) > max_age_s:
                     stale.append(path)

@@ -82,7 +82,7 @@ def apply_hycam(model: nn.Module, config: HyCAMConfig | None = None) -> nn.Modul
         # Created on the backbone's device in fp32 then cast: training keeps master weights in the
         # dtype the trainer chooses (DeepSpeed casts under bf16); eval-only users get matching dtypes.
         hycam.to(device=reference.device, dtype=reference.dtype if reference.is_floating_point() else None)
-        wrapper = HyCAMAttention(getattr(layer, layout.attention), hycam)
+        wrapper = HyCAMAttention(getattr(layer, layout.attention), hycam, state)
         wrapper.train(layer.training)  # new modules start in train mode; follow the model's mode
         setattr(layer, layout.attention, wrapper)
         if config.site == "residual":

@@ -130,10 +130,11 @@ class LayerInputTap(nn.Module):
 class HyCAMAttention(nn.Module):
     """Wraps any family's attention module: calls it first, then modulates its output."""
 
-    def __init__(self, base_layer: nn.Module, hycam: HyCAMModulation):
+    def __init__(self, base_layer: nn.Module, hycam: HyCAMModulation, state: HyCAMState):
         super().__init__()
         self.base_layer = base_layer
         self.hycam = hycam
+        object.__setattr__(self, "_state", state)  # shared by all layers; read for disable_hycam
         self.layer_input: torch.Tensor | None = None
 
     def forward(self, *args, **kwargs):
@@ -141,9 +142,9 @@ class HyCAMAttention(nn.Module):
         out = self.base_layer(*args, **kwargs)
         h_att = out[0] if isinstance(out, tuple) else out
         h_in, self.layer_input = self.layer_input, None  # do not keep the tensor alive past the forward
-        if self.hycam._state.disabled:  # the untouched backbone, for comparisons (hycam_ds.disable_hycam)
+        if self._state.disabled:  # the untouched backbone, for comparisons (hycam_ds.disable_hycam)
             return out
-        if self.hycam.config.site == "residual" and h_in is None:
+        if self._state.config.site == "residual" and h_in is None:
             raise RuntimeError("HyCAM site='residual' needs the layer input, but the input-norm tap did not run")
         h_out = self.hycam(x, h_att, h_in)
         return (h_out, *out[1:]) if isinstance(out, tuple) else h_out

@@ -40,10 +40,14 @@ def _row_chunk(rows: int, experts: int, hidden: int, device: torch.device) -> in
     return max(1, min(rows, _CPU_CHUNK_ELEMENTS // (experts * hidden)))
 
 
-def _forward_rows(out, residual, target, u, mid_by_expert, scaled_b, weight_rows, stats_sums):
-    """out = residual + target * (SiLU(u) + sum_k w_k SiLU(z_k)) for one chunk of rows, z_k = mid_k (scale B_k)."""
+def _soft_mix(mid_by_expert, scaled_b, weight_rows):
+    """sum_k w_k SiLU(z_k) [t, d] for one chunk of rows, z_k = mid_k (scale B_k)."""
     experts_out = F.silu(torch.bmm(mid_by_expert, scaled_b), inplace=True)  # [N, t, d]
-    spec = torch.bmm(weight_rows, experts_out.transpose(0, 1)).squeeze(1)  # [t, d]
+    return torch.bmm(weight_rows, experts_out.transpose(0, 1)).squeeze(1)
+
+
+def _finish_rows(out, residual, target, u, spec, stats_sums):
+    """out = residual + target * (spec + SiLU(u)); spec is consumed (it becomes A)."""
     if stats_sums is not None:
         stats_sums[1] += spec.abs().sum()
     if u is not None:
@@ -87,28 +91,23 @@ class _ModulateFn(torch.autograd.Function):
         rows, experts, hidden = mid.shape[0], mid.shape[1], spec_b.shape[-1]
         stats_sums = [target.new_zeros((), dtype=torch.float32), target.new_zeros((), dtype=torch.float32)] if stats is not None else None
         mix_weights = weights
+        out = torch.empty_like(target)
         if hard:
             mix_weights = F.one_hot(weights.argmax(-1), experts).to(weights.dtype)
             # Only the selected expert contributes: mask the low-rank activations and run a single
             # [T, N*r] x [N*r, d] matmul instead of materialising every expert's output.
             masked = (mid * mix_weights.unsqueeze(-1)).flatten(1)
             spec = F.silu((masked @ spec_b.flatten(0, 1)).mul_(scale), inplace=True)
-            shared = F.silu(u) if u is not None else None
-            if stats_sums is not None:
-                stats_sums[1] += spec.abs().sum()
-                if shared is not None:
-                    stats_sums[0] += shared.abs().sum()
-            out = torch.addcmul(residual, target, spec if shared is None else spec.add_(shared))
+            _finish_rows(out, residual, target, u, spec, stats_sums)
         else:
             step = _row_chunk(rows, experts, hidden, mid.device)
             scaled_b = spec_b * scale
             mid_by_expert = mid.transpose(0, 1)
             weight_rows = weights.unsqueeze(1)
-            out = torch.empty_like(target)
             for start in range(0, rows, step):
                 chunk = slice(start, start + step)
-                _forward_rows(out[chunk], residual[chunk], target[chunk], None if u is None else u[chunk], mid_by_expert[:, chunk],
-                              scaled_b, weight_rows[chunk], stats_sums)
+                spec = _soft_mix(mid_by_expert[:, chunk], scaled_b, weight_rows[chunk])
+                _finish_rows(out[chunk], residual[chunk], target[chunk], None if u is None else u[chunk], spec, stats_sums)
         if stats is not None:
             count = rows * hidden
             stats["shared_magnitude"] = (stats_sums[0] / count) if u is not None else None
