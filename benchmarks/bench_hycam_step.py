@@ -1,4 +1,4 @@
-"""One training step of HyCAM vs the frozen backbone, PEFT LoRA and the authors' expert loop.
+"""One training step of HyCAM vs the frozen backbone, PEFT LoRA and the authors' algorithm.
 
     .venv/bin/python benchmarks/bench_hycam_step.py [--hidden 512 --layers 8 --seq 512 --batch 4 --steps 7]
 
@@ -6,11 +6,16 @@ Forward + backward + AdamW step on the trainable parameters of a random Llama (h
 8 layers, fp32). Variants run round-robin in one process, so machine noise hits all of them
 alike; the table prints medians and ratios to the frozen backbone. "Saved activations" are the
 bytes autograd keeps for backward (unique storages, parameters excluded).
+
+Two stand-ins for the authors' algorithm: their code's arithmetic step for step, and a simplified
+expert loop (faster than theirs: it stacks experts on a middle dim). "torch ops" is hycam-ds with
+its fused CPU kernel switched off (HYCAM_FUSED_CPU=0), to show what the kernel buys.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -25,10 +30,10 @@ from hycam_ds.layer import HyCAMAttention
 
 
 class AuthorsLoopModulation(nn.Module):
-    """HyCAM as the authors' code computes it: one nn.Linear triple per expert in a Python loop,
-    every expert's output stacked to [T, N_s, d], hard one-hot Gumbel weights, weighted sum."""
+    """HyCAM's experts in a Python loop, simplified: one nn.Linear triple per expert, every
+    expert's output stacked to [T, N_s, d], hard one-hot Gumbel weights, weighted sum."""
 
-    def __init__(self, hidden: int, config: H.HyCAMConfig):
+    def __init__(self, hidden: int, config: H.HyCAMConfig, router_bias: bool = False):
         super().__init__()
         n, r = config.num_specialized, config.rank
         self.config = config
@@ -36,16 +41,42 @@ class AuthorsLoopModulation(nn.Module):
         self.lora_a = nn.ModuleList(nn.Linear(hidden, r, bias=False) for _ in range(n))
         self.lora_n = nn.ModuleList(nn.Linear(r, r, bias=False) for _ in range(n))
         self.lora_b = nn.ModuleList(nn.Linear(r, hidden, bias=False) for _ in range(n))
-        self.router = nn.Linear(hidden, n, bias=False)
+        self.router = nn.Linear(hidden, n, bias=router_bias)
         for b in self.lora_b:
             nn.init.zeros_(b.weight)
         nn.init.zeros_(self.shared.weight)
 
+    def experts(self, x):
+        return [F.silu(self.config.scaling * b(n(a(x)))) for a, n, b in zip(self.lora_a, self.lora_n, self.lora_b)]
+
     def forward(self, x, h_att, h_in=None):
         weights = F.gumbel_softmax(self.router(x), tau=self.config.tau, hard=True)
-        experts = [F.silu(self.config.scaling * b(n(a(x)))) for a, n, b in zip(self.lora_a, self.lora_n, self.lora_b)]
-        specialised = (torch.stack(experts, dim=-2) * weights.unsqueeze(-1)).sum(-2)
+        specialised = (torch.stack(self.experts(x), dim=-2) * weights.unsqueeze(-1)).sum(-2)
         return h_att + h_att * (F.silu(self.shared(x)) + specialised)
+
+
+class AuthorsCodeModulation(AuthorsLoopModulation):
+    """The decoder-layer arithmetic of the authors' public code (Applied-Machine-Learning-Lab/HyCAM,
+    self_utils.py), step for step: the normalised input is cloned, the router has a bias, the
+    expert outputs are stacked on the LAST dim ([T, d, N_s]) and summed over it, and the
+    residual stream is modulated, (h_in + h_att) * (1 + A). Returned here as
+    h_att + (h_in + h_att) * A because the decoder layer adds h_in afterwards: the same number of
+    [T, d] passes as their (h_in + h_att) * (SiLU(.) + 1 + specialised)."""
+
+    def __init__(self, hidden: int, config: H.HyCAMConfig):
+        super().__init__(hidden, config, router_bias=True)
+
+    def forward(self, x, h_att, h_in=None):
+        attn_input = x.clone()
+        rows = attn_input.reshape(-1, attn_input.shape[-1])
+        weights = F.gumbel_softmax(self.router(rows), tau=self.config.tau, hard=True)
+        specialised = (torch.stack(self.experts(rows), dim=-1) * weights.unsqueeze(1)).sum(-1).view_as(h_att)
+        return torch.addcmul(h_att, h_in + h_att, F.silu(self.shared(attn_input)) + specialised)
+
+
+AUTHORS_CODE = "authors' code (loop, stack on last dim, residual site)"
+AUTHORS_LOOP = "expert loop, simplified (stack [T, N_s, d])"
+TORCH_OPS = "hycam-ds soft, torch ops (HYCAM_FUSED_CPU=0)"
 
 
 def build_variant(name: str, args) -> tuple[nn.Module, list[nn.Parameter]]:
@@ -64,12 +95,15 @@ def build_variant(name: str, args) -> tuple[nn.Module, list[nn.Parameter]]:
         return model, [p for p in model.parameters() if p.requires_grad]
     routing = "hard" if "hard" in name else "soft"
     experts = 0 if name.startswith("shared CAM alone") else 5
-    H.apply_hycam(model, H.HyCAMConfig(routing=routing, num_specialized=experts))
+    stand_in = {AUTHORS_CODE: AuthorsCodeModulation, AUTHORS_LOOP: AuthorsLoopModulation}.get(name)
+    # The authors' code modulates the residual stream: site="residual" makes the wrapper hand over h_in.
+    site = "residual" if stand_in is AuthorsCodeModulation else "attention"
+    H.apply_hycam(model, H.HyCAMConfig(routing=routing, num_specialized=experts, site=site))
     H.set_record_stats(model, False)
-    if name.startswith("authors"):
+    if stand_in is not None:
         for module in model.modules():
             if isinstance(module, HyCAMAttention):
-                module.hycam = AuthorsLoopModulation(args.hidden, module.hycam.config)
+                module.hycam = stand_in(args.hidden, module.hycam.config)
         return model, [p for n, p in model.named_parameters() if ".hycam." in n]
     return model, H.hycam_parameters(model)
 
@@ -118,19 +152,22 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    names = ["frozen backbone", "PEFT LoRA r=8 (q,k,v,o)", "authors' loop (hard Gumbel)", "hycam-ds soft (paper)", "hycam-ds hard",
-             "shared CAM alone (the floor: no experts)"]
+    names = ["frozen backbone", "PEFT LoRA r=8 (q,k,v,o)", AUTHORS_CODE, AUTHORS_LOOP, "hycam-ds soft (paper)", "hycam-ds hard",
+             TORCH_OPS, "shared CAM alone (the floor: no experts)"]
     ids = torch.randint(0, args.vocab, (args.batch, args.seq))
     variants = {}
     for name in names:
         model, params = build_variant(name, args)
         optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
         total = sum(p.numel() for p in model.parameters())
-        variants[name] = dict(model=model, optimizer=optimizer, times=[], trainable=sum(p.numel() for p in params) / total)
+        variants[name] = dict(model=model, optimizer=optimizer, times=[], trainable=sum(p.numel() for p in params) / total,
+                              fused="0" if name == TORCH_OPS else "1")
     for name, v in variants.items():
+        os.environ["HYCAM_FUSED_CPU"] = v["fused"]  # read at every call: one variant runs without the kernel
         v["saved"] = saved_activation_bytes(v["model"], ids)
     for round_index in range(args.warmup + args.steps):  # round-robin: noise hits every variant alike
         for v in variants.values():
+            os.environ["HYCAM_FUSED_CPU"] = v["fused"]
             elapsed = one_step(v["model"], v["optimizer"], ids)
             if round_index >= args.warmup:
                 v["times"].append(elapsed)
@@ -143,10 +180,11 @@ def main() -> None:
     for name, v in variants.items():
         t = statistics.median(v["times"])
         print(f"| {name} | {v['trainable']:.2%} | {t:.3f} | {t / base_time:.2f}x | {v['saved'] / 2**20:.0f} | {v['saved'] / base_saved:.2f}x |")
-    ours = statistics.median(variants["hycam-ds soft (paper)"]["times"])
-    loop = statistics.median(variants["authors' loop (hard Gumbel)"]["times"])
-    memory = variants["hycam-ds soft (paper)"]["saved"] / variants["authors' loop (hard Gumbel)"]["saved"]
-    print(f"\nhycam-ds soft vs the authors' loop: {ours / loop:.2f}x time, {memory:.2f}x saved activations")
+    ours = variants["hycam-ds soft (paper)"]
+    for label, name in (("the authors' code", AUTHORS_CODE), ("the simplified expert loop", AUTHORS_LOOP)):
+        other = variants[name]
+        print(f"hycam-ds soft vs {label}: {statistics.median(ours['times']) / statistics.median(other['times']):.2f}x time, "
+              f"{ours['saved'] / other['saved']:.2f}x saved activations")
 
 
 if __name__ == "__main__":

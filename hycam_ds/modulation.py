@@ -8,12 +8,19 @@ transiently and backward recomputes it from the tiny low-rank activations `mid` 
 the recomputation costs T * N_s * r * d multiply-adds, a few percent of the shared d x d
 projection. What is saved per token is only u (the shared pre-activation), the modulated target
 and the low-rank activations.
+
+Two implementations of the same function: on CPU in float32/float64 a fused C++ kernel
+(csrc/modulate_cpu.cpp, loaded by fused_cpu.py) does each chunk's elementwise work in one pass;
+elsewhere (accelerators, bf16/fp16, no compiler, HYCAM_FUSED_CPU=0) torch ops do, chunk by chunk.
+Tests hold both to the same autograd reference.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from . import fused_cpu
 
 
 def _l2_cache_elements(default: int = 1 << 18) -> int:
@@ -91,15 +98,31 @@ class _ModulateFn(torch.autograd.Function):
         rows, experts, hidden = mid.shape[0], mid.shape[1], spec_b.shape[-1]
         stats_sums = [target.new_zeros((), dtype=torch.float32), target.new_zeros((), dtype=torch.float32)] if stats is not None else None
         mix_weights = weights
-        out = torch.empty_like(target)
         if hard:
             mix_weights = F.one_hot(weights.argmax(-1), experts).to(weights.dtype)
+        fused = fused_cpu.usable(residual, target, mid, spec_b)
+        ctx.fused = fused
+        # site="attention" passes h_att as both: its whole gradient g * (1 + A) then comes out as
+        # target's, in the same pass (autograd sums the two slots of one tensor anyway).
+        ctx.target_is_residual = residual is target
+        if fused:
+            # Row-strided [T, d] operands are fine (u is a column slice of the joint projection).
+            residual, target, u = (None if t is None else fused_cpu.rows_contiguous(t) for t in (residual, target, u))
+            mid, spec_b, mix_weights = (t.contiguous() for t in (mid, spec_b, mix_weights.to(target.dtype)))
+            out, shared_sum, spec_sum = fused_cpu.load().forward(
+                residual, target, u if u is not None else target.new_empty(0), mid, spec_b, mix_weights,
+                float(scale), _CPU_CHUNK_ELEMENTS)
+            if stats_sums is not None:
+                stats_sums = [shared_sum.float(), spec_sum.float()]
+        elif hard:
+            out = torch.empty_like(target)
             # Only the selected expert contributes: mask the low-rank activations and run a single
             # [T, N*r] x [N*r, d] matmul instead of materialising every expert's output.
             masked = (mid * mix_weights.unsqueeze(-1)).flatten(1)
             spec = F.silu((masked @ spec_b.flatten(0, 1)).mul_(scale), inplace=True)
             _finish_rows(out, residual, target, u, spec, stats_sums)
         else:
+            out = torch.empty_like(target)
             step = _row_chunk(rows, experts, hidden, mid.device)
             scaled_b = spec_b * scale
             mid_by_expert = mid.transpose(0, 1)
@@ -120,6 +143,12 @@ class _ModulateFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         target, u, mid, spec_b, mix_weights = ctx.saved_tensors
+        if ctx.fused:
+            grad_target, grad_u, grad_mid, grad_b, grad_weights = fused_cpu.load().backward(
+                grad_out, target, u, mid, spec_b, mix_weights, float(ctx.scale), _CPU_CHUNK_ELEMENTS,
+                ctx.target_is_residual)
+            return (None if ctx.target_is_residual else grad_out, grad_target, grad_u if ctx.has_shared else None, grad_mid, grad_b, grad_weights,
+                    None, None, None)
         u = u if ctx.has_shared else None
         rows, experts, rank = mid.shape
         step = _row_chunk(rows, experts, target.shape[1], target.device)

@@ -20,9 +20,10 @@ def _run(script, *args, timeout=600):
 def test_hycam_step_benchmark_prints_every_variant():
     out = _run("bench_hycam_step.py", "--hidden", "64", "--layers", "2", "--seq", "32", "--batch", "1",
                "--vocab", "256", "--steps", "1", "--warmup", "0")
-    for row in ("frozen backbone", "PEFT LoRA", "authors' loop", "hycam-ds soft (paper)", "hycam-ds hard", "shared CAM alone"):
+    for row in ("frozen backbone", "PEFT LoRA", "authors' code", "expert loop, simplified", "hycam-ds soft (paper)",
+                "hycam-ds hard", "hycam-ds soft, torch ops", "shared CAM alone"):
         assert f"| {row}" in out, f"missing row {row!r} in:\n{out}"
-    assert "vs the authors' loop" in out
+    assert "vs the authors' code" in out and "vs the simplified expert loop" in out
 
 
 @pytest.mark.slow

@@ -102,10 +102,21 @@ def _autograd_reference(residual, target, u, mid, spec_b, weights, scale, hard):
     return residual + target * a
 
 
+@pytest.fixture(params=["fused_cpu", "torch_ops"])
+def kernel(request, monkeypatch):
+    """Runs a test on both implementations of the modulation: the C++ kernel and torch ops."""
+    from hycam_ds import fused_cpu
+
+    monkeypatch.setenv("HYCAM_FUSED_CPU", "1" if request.param == "fused_cpu" else "0")
+    if request.param == "fused_cpu":
+        assert fused_cpu.load() is not None, "the fused CPU kernel must build on this machine (it has a C++ compiler)"
+    return request.param
+
+
 @pytest.mark.parametrize("hard", [False, True])
 @pytest.mark.parametrize("with_shared", [True, False])
 @pytest.mark.parametrize("chunk_elements", [1 << 20, 80])
-def test_fused_modulation_gradients(hard, with_shared, chunk_elements, monkeypatch):
+def test_fused_modulation_gradients(hard, with_shared, chunk_elements, kernel, monkeypatch):
     from hycam_ds import modulation
     from hycam_ds.modulation import modulate
 
@@ -130,7 +141,7 @@ def test_fused_modulation_gradients(hard, with_shared, chunk_elements, monkeypat
                                         if with_shared else (inputs[0], inputs[1], None, inputs[3], inputs[4], weights))
 
 
-def test_fused_modulation_with_the_target_as_its_own_residual():
+def test_fused_modulation_with_the_target_as_its_own_residual(kernel):
     """site="attention" passes h_att as both residual and target: its gradient is the sum of both."""
     from hycam_ds.modulation import modulate
 

@@ -1,0 +1,284 @@
+// Fused CPU kernel of the HyCAM modulation, forward and backward:
+//
+//   out = residual + target * A,   A = SiLU(u) + sum_k w_k SiLU(z_k),   z_k = mid_k (scale B_k)
+//
+// Why: with torch ops from Python, every chunk of token rows walks the transient [N_s, rows, d]
+// expert tensor about ten times in backward (SiLU, products, a reduction, SiLU', ...), each pass
+// a separate op with its own Python dispatch. Here the three small-K matmuls per chunk stay with
+// the BLAS (at::bmm_out into one reused, cache-sized buffer) and everything elementwise is ONE
+// pass per token row: each z_k element is read once, turned into SiLU(z_k), w_k's gradient and
+// z_k's gradient (written in place, then fed to the two backward matmuls), and nothing of size
+// [N_s, T, d] ever exists. Token rows are split into one contiguous range per thread
+// (deterministic for a given thread count).
+//
+// Shapes: residual, target, u, out [T, d] (rows may be strided, elements contiguous); mid [T, N, r];
+// b [N, r, d]; weights [T, N]. u may be empty (no shared module). float is the fast path; double
+// exists so that gradcheck tests this very code.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+// exp for float that the compiler vectorises (std::exp stays a scalar libm call without
+// -ffast-math; this needs only -fno-math-errno -fno-trapping-math, see fused_cpu.py).
+// Cody-Waite reduction to [-ln2/2, ln2/2] and a degree-6 polynomial: relative error ~2 ulp on the
+// clamped range, which is all SiLU needs (sigmoid of anything below -87 is 0 to float precision).
+inline float fast_exp(float x) {
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  float r = x - n * 0.693145751953125f;
+  r = r - n * 1.428606765330187045e-06f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof(two_n));
+  return p * two_n;
+}
+
+inline double fast_exp(double x) { return std::exp(x); }
+
+template <typename T>
+inline T sigmoid(T x) { return T(1) / (T(1) + fast_exp(-x)); }
+
+// Number of contiguous row ranges (one per thread) that split_rows cuts `rows` into.
+inline int64_t row_ranges(int64_t rows) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows));
+}
+
+// Runs fn(range, begin, end) for each of row_ranges(rows) contiguous ranges of [0, rows), in parallel.
+template <typename F>
+void split_rows(int64_t rows, const F& fn) {
+  const int64_t ranges = row_ranges(rows);
+  at::parallel_for(0, ranges, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t begin = rows * r / ranges, end = rows * (r + 1) / ranges;
+      if (begin < end) fn(r, begin, end);
+    }
+  });
+}
+
+// Row views of one chunk: row i of a [T, d] operand starts at base + (first + i) * stride.
+template <typename T>
+struct Rows {
+  T* base;
+  int64_t stride;
+  T* row(int64_t i) const { return base + i * stride; }
+};
+
+template <typename T>
+Rows<T> rows_of(const at::Tensor& t) {
+  return {t.numel() ? t.data_ptr<T>() : nullptr, t.numel() ? t.stride(0) : 0};
+}
+
+// Forward, one chunk of `count` rows starting at `first` (one thread); z [N, count, d] holds
+// mid_k (scale B_k). Adds the chunk's |SiLU(u)| and |specialised| sums to sums[0], sums[1].
+template <typename T>
+void forward_rows(int64_t first, int64_t count, int64_t d, int64_t experts, const T* z, const T* w,
+                  Rows<T> residual, Rows<T> target, Rows<T> u, Rows<T> out, double* sums) {
+  std::vector<T> a(d);
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t t = first + i;
+    T* __restrict ap = a.data();
+    for (int64_t c = 0; c < d; ++c) ap[c] = T(0);
+    for (int64_t k = 0; k < experts; ++k) {
+      const T wk = w[t * experts + k];
+      if (wk == T(0)) continue;  // hard routing: only the chosen expert counts in forward
+      const T* __restrict zk = z + (k * count + i) * d;
+      for (int64_t c = 0; c < d; ++c) ap[c] += wk * zk[c] * sigmoid(zk[c]);
+    }
+    T spec_acc = 0;
+#pragma omp simd reduction(+ : spec_acc)
+    for (int64_t c = 0; c < d; ++c) spec_acc += std::abs(ap[c]);
+    sums[1] += spec_acc;
+    if (u.base) {
+      const T* __restrict ur = u.row(t);
+      T shared_acc = 0;
+#pragma omp simd reduction(+ : shared_acc)
+      for (int64_t c = 0; c < d; ++c) {
+        const T sh = ur[c] * sigmoid(ur[c]);
+        shared_acc += std::abs(sh);
+        ap[c] += sh;
+      }
+      sums[0] += shared_acc;
+    }
+    const T* __restrict rr = residual.row(t);
+    const T* __restrict tr = target.row(t);
+    T* __restrict orow = out.row(t);
+    for (int64_t c = 0; c < d; ++c) orow[c] = rr[c] + tr[c] * ap[c];
+  }
+}
+
+// Backward, one chunk (one thread). z [N, count, d] holds mid_k (scale B_k) on entry and
+// d loss / d (mid_k B_k) on exit; the caller turns it into the gradients of mid and B (matmuls).
+// residual_share = 1 when the target is also the residual (site="attention": out = h + h * A),
+// so grad_target carries the whole gradient of h, g * (1 + A), without a separate add pass.
+template <typename T>
+void backward_rows(int64_t first, int64_t count, int64_t d, int64_t experts, T scale, T* z, const T* w,
+                   Rows<T> grad_out, Rows<T> target, Rows<T> u, Rows<T> grad_target, Rows<T> grad_u, T* grad_w,
+                   T residual_share) {
+  std::vector<T> ga(d), a(d);
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t t = first + i;
+    T* __restrict gap = ga.data();
+    T* __restrict ap = a.data();
+    const T* __restrict gr = grad_out.row(t);
+    const T* __restrict tr = target.row(t);
+    for (int64_t c = 0; c < d; ++c) {
+      gap[c] = gr[c] * tr[c];  // d loss / d A
+      ap[c] = T(0);
+    }
+    for (int64_t k = 0; k < experts; ++k) {
+      const T wk = w[t * experts + k];
+      const T gz_scale = wk * scale;
+      T* __restrict zk = z + (k * count + i) * d;
+      T gw = 0;
+#pragma omp simd reduction(+ : gw)
+      for (int64_t c = 0; c < d; ++c) {
+        const T zc = zk[c];
+        const T sg = sigmoid(zc);
+        const T e = zc * sg;
+        gw += gap[c] * e;
+        ap[c] += wk * e;
+        zk[c] = gz_scale * gap[c] * sg * (T(1) + zc * (T(1) - sg));
+      }
+      grad_w[t * experts + k] = gw;
+    }
+    if (u.base) {
+      const T* __restrict ur = u.row(t);
+      T* __restrict gur = grad_u.row(t);
+      for (int64_t c = 0; c < d; ++c) {
+        const T sg = sigmoid(ur[c]);
+        gur[c] = gap[c] * sg * (T(1) + ur[c] * (T(1) - sg));
+        ap[c] += ur[c] * sg;
+      }
+    }
+    T* __restrict gtr = grad_target.row(t);
+    for (int64_t c = 0; c < d; ++c) gtr[c] = gr[c] * (residual_share + ap[c]);
+  }
+}
+
+void check_operand(const at::Tensor& t, at::ScalarType dtype, const char* name, bool rows_only) {
+  TORCH_CHECK(t.device().is_cpu(), "hycam fused kernel: ", name, " must be on the CPU");
+  TORCH_CHECK(t.scalar_type() == dtype, "hycam fused kernel: ", name, " has dtype ", t.scalar_type(), ", expected ", dtype);
+  if (rows_only) {
+    TORCH_CHECK(t.dim() == 2 && t.stride(1) == 1, "hycam fused kernel: ", name, " must be [T, d] with contiguous rows");
+  } else {
+    TORCH_CHECK(t.is_contiguous(), "hycam fused kernel: ", name, " must be contiguous");
+  }
+}
+
+void check_all(const at::Tensor& first, const at::Tensor& target, const at::Tensor& u, const at::Tensor& mid,
+               const at::Tensor& b, const at::Tensor& weights) {
+  const auto dtype = target.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "hycam fused kernel: float32 or float64 only, got ", dtype);
+  check_operand(first, dtype, "residual/grad_out", true);
+  check_operand(target, dtype, "target", true);
+  if (u.numel()) check_operand(u, dtype, "u", true);
+  check_operand(mid, dtype, "mid", false);
+  check_operand(b, dtype, "b", false);
+  check_operand(weights, dtype, "weights", false);
+}
+
+// Token rows per chunk: the [N, rows, d] buffer holds `chunk_elements` values (a core's L2).
+int64_t chunk_rows(int64_t rows, int64_t experts, int64_t d, int64_t chunk_elements) {
+  return std::max<int64_t>(1, std::min<int64_t>(rows, chunk_elements / (experts * d)));
+}
+
+// Each thread takes one contiguous range of token rows and walks it in chunks: its matmuls run
+// single-threaded inside the parallel region, so every chunk's z is produced and consumed by the
+// same core, in that core's cache (with the BLAS splitting each matmul over threads by expert,
+// z was written by one core and read by the other).
+
+// Returns out, and the summed |SiLU(u)| and |sum_k w_k SiLU(z_k)| (float64 scalars).
+std::vector<at::Tensor> modulate_forward(at::Tensor residual, at::Tensor target, at::Tensor u, at::Tensor mid,
+                                         at::Tensor b, at::Tensor weights, double scale, int64_t chunk_elements) {
+  check_all(residual, target, u, mid, b, weights);
+  const int64_t rows = target.size(0), d = target.size(1), experts = mid.size(1);
+  auto out = at::empty({rows, d}, target.options());
+  auto mid_by_expert = mid.transpose(0, 1).contiguous();  // [N, T, r]: tiny
+  auto scaled_b = b * scale;
+  const int64_t step = chunk_rows(rows, experts, d, chunk_elements);
+  std::vector<double> sums(2 * row_ranges(rows), 0.0);
+  AT_DISPATCH_FLOATING_TYPES(target.scalar_type(), "hycam_modulate_forward", [&] {
+    split_rows(rows, [&](int64_t range, int64_t begin, int64_t end) {
+      at::NoGradGuard no_grad;  // grad mode is per thread: worker threads do not inherit the caller's
+      auto z_buffer = at::empty({experts, std::min(step, end - begin), d}, target.options());
+      for (int64_t first = begin; first < end; first += step) {
+        const int64_t count = std::min(step, end - first);
+        auto z = count == z_buffer.size(1) ? z_buffer : at::empty({experts, count, d}, target.options());
+        at::bmm_out(z, mid_by_expert.narrow(1, first, count), scaled_b);
+        forward_rows<scalar_t>(first, count, d, experts, z.data_ptr<scalar_t>(), weights.data_ptr<scalar_t>(),
+                               rows_of<scalar_t>(residual), rows_of<scalar_t>(target), rows_of<scalar_t>(u),
+                               rows_of<scalar_t>(out), sums.data() + 2 * range);
+      }
+    });
+  });
+  double shared_sum = 0, spec_sum = 0;
+  for (size_t r = 0; r < sums.size(); r += 2) {  // in range order: deterministic
+    shared_sum += sums[r];
+    spec_sum += sums[r + 1];
+  }
+  auto opts = at::TensorOptions().dtype(at::kDouble);
+  return {out, at::full({}, shared_sum, opts), at::full({}, spec_sum, opts)};
+}
+
+// Returns grad_target, grad_u (empty without a shared module), grad_mid, grad_b, grad_weights.
+// With target_is_residual, grad_target includes the residual's gradient (grad_out).
+std::vector<at::Tensor> modulate_backward(at::Tensor grad_out, at::Tensor target, at::Tensor u, at::Tensor mid,
+                                          at::Tensor b, at::Tensor weights, double scale, int64_t chunk_elements,
+                                          bool target_is_residual) {
+  if (grad_out.dim() != 2 || grad_out.stride(1) != 1) grad_out = grad_out.contiguous();
+  check_all(grad_out, target, u, mid, b, weights);
+  const int64_t rows = target.size(0), d = target.size(1), experts = mid.size(1), rank = mid.size(2);
+  auto grad_target = at::empty({rows, d}, target.options());
+  auto grad_u = u.numel() ? at::empty({rows, d}, target.options()) : at::empty({0}, target.options());
+  auto grad_mid_by_expert = at::empty({experts, rows, rank}, mid.options());
+  auto grad_weights = at::empty_like(weights);
+  auto grad_b_per_range = at::zeros({row_ranges(rows), experts, rank, d}, b.options());
+  auto mid_by_expert = mid.transpose(0, 1).contiguous();
+  auto scaled_b = b * scale;
+  auto b_t = b.transpose(1, 2);  // [N, d, r]
+  const int64_t step = chunk_rows(rows, experts, d, chunk_elements);
+  AT_DISPATCH_FLOATING_TYPES(target.scalar_type(), "hycam_modulate_backward", [&] {
+    split_rows(rows, [&](int64_t range, int64_t begin, int64_t end) {
+      at::NoGradGuard no_grad;  // grad mode is per thread: worker threads do not inherit the caller's
+      auto z_buffer = at::empty({experts, std::min(step, end - begin), d}, target.options());
+      auto grad_b = grad_b_per_range[range];
+      for (int64_t first = begin; first < end; first += step) {
+        const int64_t count = std::min(step, end - first);
+        auto z = count == z_buffer.size(1) ? z_buffer : at::empty({experts, count, d}, target.options());
+        auto mid_chunk = mid_by_expert.narrow(1, first, count);
+        at::bmm_out(z, mid_chunk, scaled_b);  // recomputed: nothing per expert was saved
+        backward_rows<scalar_t>(first, count, d, experts, static_cast<scalar_t>(scale), z.data_ptr<scalar_t>(),
+                                weights.data_ptr<scalar_t>(), rows_of<scalar_t>(grad_out), rows_of<scalar_t>(target),
+                                rows_of<scalar_t>(u), rows_of<scalar_t>(grad_target), rows_of<scalar_t>(grad_u),
+                                grad_weights.data_ptr<scalar_t>(), scalar_t(target_is_residual ? 1 : 0));
+        grad_b.baddbmm_(mid_chunk.transpose(1, 2), z);  // [N, r, t] x [N, t, d]
+        auto grad_mid_chunk = grad_mid_by_expert.narrow(1, first, count);
+        at::bmm_out(grad_mid_chunk, z, b_t);  // [N, t, d] x [N, d, r]
+      }
+    });
+  });
+  auto grad_b = grad_b_per_range.sum(0);  // in range order: deterministic
+  return {grad_target, grad_u, grad_mid_by_expert.transpose(0, 1), grad_b, grad_weights};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &modulate_forward, "HyCAM modulation forward (CPU, fused elementwise)");
+  m.def("backward", &modulate_backward, "HyCAM modulation backward (CPU, fused elementwise)");
+}
