@@ -20,3 +20,4 @@ test-all: env
 
 bench: env
 	$(PY) benchmarks/bench_hycam_step.py
+	$(PY) benchmarks/bench_modulation.py

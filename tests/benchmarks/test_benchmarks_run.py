@@ -26,6 +26,12 @@ def test_hycam_step_benchmark_prints_every_variant():
     assert "vs the authors' code" in out and "vs the simplified expert loop" in out
 
 
+def test_modulation_benchmark_prints_both_implementations():
+    out = _run("bench_modulation.py", "--rows", "64", "--hidden", "32", "--repeats", "1")
+    for row in ("| fused CPU kernel |", "| torch ops |", "| fused CPU kernel, hard |", "| torch ops, hard |"):
+        assert row in out, f"missing {row!r} in:\n{out}"
+
+
 @pytest.mark.slow
 def test_train_methods_benchmark_prints_throughput_and_zero3_memory():
     out = _run("bench_train_methods.py", "--steps", "1", "--seq-len", "64", "--batch", "1", timeout=900)
