@@ -4,12 +4,13 @@
 //
 // Why: with torch ops from Python, every chunk of token rows walks the transient [N_s, rows, d]
 // expert tensor about ten times in backward (SiLU, products, a reduction, SiLU', ...), each pass
-// a separate op with its own Python dispatch. Here the three small-K matmuls per chunk stay with
-// the BLAS (at::bmm_out into one reused, cache-sized buffer) and everything elementwise is ONE
-// pass per token row: each z_k element is read once, turned into SiLU(z_k), w_k's gradient and
-// z_k's gradient (written in place, then fed to the two backward matmuls), and nothing of size
-// [N_s, T, d] ever exists. Token rows are split into one contiguous range per thread
-// (deterministic for a given thread count).
+// a separate op with its own Python dispatch. Here each thread takes one contiguous range of
+// token rows (deterministic for a given thread count) and walks it in cache-sized chunks: the
+// chunk's z = mid B is computed into one reused buffer by register-blocked loops (K = r is tiny:
+// the BLAS would run one GEMM per expert per chunk and spend as long setting up as computing),
+// then everything elementwise is ONE pass per token row: each z_k element is read once, turned
+// into SiLU(z_k), w_k's gradient and z_k's gradient (written in place, then turned into the
+// gradients of mid and B). Nothing of size [N_s, T, d] ever exists.
 //
 // Shapes: residual, target, u, out [T, d] (rows may be strided, elements contiguous); mid [T, N, r];
 // b [N, r, d]; weights [T, N]. u may be empty (no shared module). float is the fast path; double
@@ -388,10 +389,9 @@ int64_t chunk_rows(int64_t rows, int64_t experts, int64_t d, int64_t chunk_eleme
   return std::max<int64_t>(1, std::min<int64_t>(rows, chunk_elements / (experts * d)));
 }
 
-// Each thread takes one contiguous range of token rows and walks it in chunks: its matmuls run
-// single-threaded inside the parallel region, so every chunk's z is produced and consumed by the
-// same core, in that core's cache (with the BLAS splitting each matmul over threads by expert,
-// z was written by one core and read by the other).
+// Each thread takes one contiguous range of token rows and walks it in chunks, so every chunk's z
+// is produced and consumed by the same core, in that core's cache (with a multi-threaded matmul
+// splitting the experts over threads, z was written by one core and read by the other).
 
 // Returns out, and the summed |SiLU(u)| and |sum_k w_k SiLU(z_k)| (float64 scalars).
 std::vector<at::Tensor> modulate_forward(at::Tensor residual, at::Tensor target, at::Tensor u, at::Tensor mid,
