@@ -28,12 +28,12 @@ def _operands(leaves, hidden):
     return residual, joint[:, hidden + 3:], joint[:, :hidden], mid, spec_b, weights
 
 
-def _run(env_value, hard, monkeypatch, chunk_elements):
+def _run(env_value, hard, monkeypatch, chunk_elements, experts=5, rank=8, hidden=64):
     monkeypatch.setenv("HYCAM_FUSED_CPU", env_value)
     monkeypatch.setattr(modulation, "_CPU_CHUNK_ELEMENTS", chunk_elements)
-    leaves = _leaves(300, 5, 8, 64)
+    leaves = _leaves(300, experts, rank, hidden)
     stats = {}
-    out = modulation.modulate(*_operands(leaves, 64), 0.5, hard, stats)
+    out = modulation.modulate(*_operands(leaves, hidden), 0.5, hard, stats)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(9))
     return out.detach(), torch.autograd.grad(out, leaves, grad_out), stats
 
@@ -49,6 +49,16 @@ def test_fused_equals_torch_ops_in_float32(hard, chunk_elements, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     for key in ("shared_magnitude", "specialized_magnitude"):
         torch.testing.assert_close(fused[2][key], plain[2][key], rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("rank, hidden", [(6, 70), (3, 37), (1, 8)])
+def test_fused_equals_torch_ops_off_the_vector_widths(rank, hidden, monkeypatch):
+    """The float kernels work in blocks (4 ranks, 8/16/32 columns): every remainder path too."""
+    fused = _run("1", False, monkeypatch, 5 * hidden * 7, experts=3, rank=rank, hidden=hidden)
+    plain = _run("0", False, monkeypatch, 5 * hidden * 7, experts=3, rank=rank, hidden=hidden)
+    torch.testing.assert_close(fused[0], plain[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(fused[1], plain[1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_fused_kernel_is_taken_only_where_it_applies(monkeypatch):
