@@ -2,7 +2,7 @@
 
 torch's C++-extension builder compiles it once per machine kind into ~/.cache/torch_extensions
 (or $TORCH_EXTENSIONS_DIR) and later processes load the cached library; scripts/env.sh builds it
-when it creates the environment, so no timed job pays the ~1 minute compile. The library's name
+when it creates the environment, so no timed job pays the ~20 s compile. The library's name
 carries the instruction set it was compiled for, so nodes of different CPU kinds sharing one
 home directory never load each other's build.
 
@@ -33,7 +33,8 @@ def _isa_flags() -> tuple[str, list[str]]:
     """(name suffix, compiler flags) for the widest vector ISA torch detected on this CPU."""
     capability = torch.backends.cpu.get_cpu_capability()
     if capability in ("AVX2", "AVX512"):
-        # AVX2+FMA on both: measured no faster with -mavx512f on an AVX-512 EPYC (double-pumped).
+        # AVX2+FMA on both: -mavx512f measured no faster on this AVX-512 EPYC (it runs 512-bit
+        # vectors as two 256-bit halves).
         return "avx2", ["-mavx2", "-mfma"]
     return "generic", []
 

@@ -10,8 +10,8 @@ projection. What is saved per token is only u (the shared pre-activation), the m
 and the low-rank activations.
 
 Two implementations of the same function: on CPU in float32/float64 a fused C++ kernel
-(csrc/modulate_cpu.cpp, loaded by fused_cpu.py) does each chunk's elementwise work in one pass;
-elsewhere (accelerators, bf16/fp16, no compiler, HYCAM_FUSED_CPU=0) torch ops do, chunk by chunk.
+(csrc/modulate_cpu.cpp, loaded by fused_cpu.py) does each chunk's small-K products and all its
+elementwise work in one pass per token row; elsewhere (accelerators, bf16/fp16, no compiler, HYCAM_FUSED_CPU=0) torch ops do, chunk by chunk.
 Tests hold both to the same autograd reference.
 """
 
@@ -96,23 +96,26 @@ class _ModulateFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, residual, target, u, mid, spec_b, weights, scale, hard, stats):
         rows, experts, hidden = mid.shape[0], mid.shape[1], spec_b.shape[-1]
-        stats_sums = [target.new_zeros((), dtype=torch.float32), target.new_zeros((), dtype=torch.float32)] if stats is not None else None
         mix_weights = weights
         if hard:
             mix_weights = F.one_hot(weights.argmax(-1), experts).to(weights.dtype)
         fused = fused_cpu.usable(residual, target, mid, spec_b)
+        stats_sums = None
+        if stats is not None and not fused:
+            stats_sums = [target.new_zeros((), dtype=torch.float32), target.new_zeros((), dtype=torch.float32)]
         ctx.fused = fused
         # site="attention" passes h_att as both: its whole gradient g * (1 + A) then comes out as
         # target's, in the same pass (autograd sums the two slots of one tensor anyway).
         ctx.target_is_residual = residual is target
         if fused:
             # Row-strided [T, d] operands are fine (u is a column slice of the joint projection).
+            # Hard routing takes the same kernel: it skips the SiLU of unchosen experts.
             residual, target, u = (None if t is None else fused_cpu.rows_contiguous(t) for t in (residual, target, u))
             mid, spec_b, mix_weights = (t.contiguous() for t in (mid, spec_b, mix_weights.to(target.dtype)))
             out, shared_sum, spec_sum = fused_cpu.load().forward(
                 residual, target, u if u is not None else target.new_empty(0), mid, spec_b, mix_weights,
                 float(scale), _CPU_CHUNK_ELEMENTS)
-            if stats_sums is not None:
+            if stats is not None:
                 stats_sums = [shared_sum.float(), spec_sum.float()]
         elif hard:
             out = torch.empty_like(target)
@@ -147,8 +150,8 @@ class _ModulateFn(torch.autograd.Function):
             grad_target, grad_u, grad_mid, grad_b, grad_weights = fused_cpu.load().backward(
                 grad_out, target, u, mid, spec_b, mix_weights, float(ctx.scale), _CPU_CHUNK_ELEMENTS,
                 ctx.target_is_residual)
-            return (None if ctx.target_is_residual else grad_out, grad_target, grad_u if ctx.has_shared else None, grad_mid, grad_b, grad_weights,
-                    None, None, None)
+            return (None if ctx.target_is_residual else grad_out, grad_target, grad_u if ctx.has_shared else None,
+                    grad_mid, grad_b, grad_weights, None, None, None)
         u = u if ctx.has_shared else None
         rows, experts, rank = mid.shape
         step = _row_chunk(rows, experts, target.shape[1], target.device)

@@ -384,14 +384,25 @@ void check_all(const at::Tensor& first, const at::Tensor& target, const at::Tens
   check_operand(weights, dtype, "weights", false);
 }
 
-// Token rows per chunk: the [N, rows, d] buffer holds `chunk_elements` values (a core's L2).
-int64_t chunk_rows(int64_t rows, int64_t experts, int64_t d, int64_t chunk_elements) {
-  return std::max<int64_t>(1, std::min<int64_t>(rows, chunk_elements / (experts * d)));
-}
-
 // Each thread takes one contiguous range of token rows and walks it in chunks, so every chunk's z
 // is produced and consumed by the same core, in that core's cache (with a multi-threaded matmul
 // splitting the experts over threads, z was written by one core and read by the other).
+// fn(range, first, count, z) gets each chunk with z [N, count, d] (a prefix of the thread's own
+// buffer) already holding mid_k (scale B_k).
+template <typename T, typename F>
+void for_each_chunk(const at::Tensor& mid, const at::Tensor& scaled_b, int64_t chunk_elements, const F& fn) {
+  const int64_t rows = mid.size(0), experts = mid.size(1), rank = mid.size(2), d = scaled_b.size(2);
+  const int64_t step = std::max<int64_t>(1, std::min<int64_t>(rows, chunk_elements / (experts * d)));
+  split_rows(rows, [&](int64_t range, int64_t begin, int64_t end) {
+    at::NoGradGuard no_grad;  // grad mode is per thread: worker threads do not inherit the caller's
+    std::vector<T> z(experts * std::min(step, end - begin) * d);
+    for (int64_t first = begin; first < end; first += step) {
+      const int64_t count = std::min(step, end - first);
+      low_rank_chunk<T>(z.data(), mid.data_ptr<T>(), scaled_b.data_ptr<T>(), first, count, experts, rank, d);
+      fn(range, first, count, z.data());
+    }
+  });
+}
 
 // Returns out, and the summed |SiLU(u)| and |sum_k w_k SiLU(z_k)| (float64 scalars).
 std::vector<at::Tensor> modulate_forward(at::Tensor residual, at::Tensor target, at::Tensor u, at::Tensor mid,
@@ -400,21 +411,12 @@ std::vector<at::Tensor> modulate_forward(at::Tensor residual, at::Tensor target,
   const int64_t rows = target.size(0), d = target.size(1), experts = mid.size(1);
   auto out = at::empty({rows, d}, target.options());
   auto scaled_b = b * scale;
-  const int64_t step = chunk_rows(rows, experts, d, chunk_elements);
   std::vector<double> sums(2 * row_ranges(rows), 0.0);
   AT_DISPATCH_FLOATING_TYPES(target.scalar_type(), "hycam_modulate_forward", [&] {
-    split_rows(rows, [&](int64_t range, int64_t begin, int64_t end) {
-      at::NoGradGuard no_grad;  // grad mode is per thread: worker threads do not inherit the caller's
-      auto z_buffer = at::empty({experts, std::min(step, end - begin), d}, target.options());
-      for (int64_t first = begin; first < end; first += step) {
-        const int64_t count = std::min(step, end - first);
-        auto z = count == z_buffer.size(1) ? z_buffer : at::empty({experts, count, d}, target.options());
-        low_rank_chunk<scalar_t>(z.data_ptr<scalar_t>(), mid.data_ptr<scalar_t>(), scaled_b.data_ptr<scalar_t>(), first,
-                                 count, experts, mid.size(2), d);
-        forward_rows<scalar_t>(first, count, d, experts, z.data_ptr<scalar_t>(), weights.data_ptr<scalar_t>(),
-                               rows_of<scalar_t>(residual), rows_of<scalar_t>(target), rows_of<scalar_t>(u),
-                               rows_of<scalar_t>(out), sums.data() + 2 * range);
-      }
+    for_each_chunk<scalar_t>(mid, scaled_b, chunk_elements, [&](int64_t range, int64_t first, int64_t count, scalar_t* z) {
+      forward_rows<scalar_t>(first, count, d, experts, z, weights.data_ptr<scalar_t>(), rows_of<scalar_t>(residual),
+                             rows_of<scalar_t>(target), rows_of<scalar_t>(u), rows_of<scalar_t>(out),
+                             sums.data() + 2 * range);
     });
   });
   double shared_sum = 0, spec_sum = 0;
@@ -440,26 +442,17 @@ std::vector<at::Tensor> modulate_backward(at::Tensor grad_out, at::Tensor target
   auto grad_weights = at::empty_like(weights);
   auto grad_b_per_range = at::zeros({row_ranges(rows), experts, rank, d}, b.options());
   auto scaled_b = b * scale;
-  const int64_t step = chunk_rows(rows, experts, d, chunk_elements);
   AT_DISPATCH_FLOATING_TYPES(target.scalar_type(), "hycam_modulate_backward", [&] {
-    split_rows(rows, [&](int64_t range, int64_t begin, int64_t end) {
-      at::NoGradGuard no_grad;  // grad mode is per thread: worker threads do not inherit the caller's
-      auto z_buffer = at::empty({experts, std::min(step, end - begin), d}, target.options());
-      auto grad_b = grad_b_per_range[range];
-      for (int64_t first = begin; first < end; first += step) {
-        const int64_t count = std::min(step, end - first);
-        auto z = count == z_buffer.size(1) ? z_buffer : at::empty({experts, count, d}, target.options());
-        low_rank_chunk<scalar_t>(z.data_ptr<scalar_t>(), mid.data_ptr<scalar_t>(), scaled_b.data_ptr<scalar_t>(), first,
-                                 count, experts, rank, d);  // recomputed: nothing per expert was saved
-        backward_rows<scalar_t>(first, count, d, experts, static_cast<scalar_t>(scale), z.data_ptr<scalar_t>(),
-                                weights.data_ptr<scalar_t>(), rows_of<scalar_t>(grad_out), rows_of<scalar_t>(target),
-                                rows_of<scalar_t>(u), rows_of<scalar_t>(grad_target), rows_of<scalar_t>(grad_u),
-                                grad_weights.data_ptr<scalar_t>(), scalar_t(target_is_residual ? 1 : 0));
-        grad_b_chunk<scalar_t>(grad_b.data_ptr<scalar_t>(), mid.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), first,
-                               count, experts, rank, d);
-        grad_mid_chunk<scalar_t>(grad_mid.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), first,
-                                 count, experts, rank, d);
-      }
+    // z is recomputed (nothing per expert was saved), turned into d loss / d (mid B) in place by
+    // backward_rows, then into the chunk's share of the gradients of B and mid.
+    for_each_chunk<scalar_t>(mid, scaled_b, chunk_elements, [&](int64_t range, int64_t first, int64_t count, scalar_t* z) {
+      backward_rows<scalar_t>(first, count, d, experts, static_cast<scalar_t>(scale), z, weights.data_ptr<scalar_t>(),
+                              rows_of<scalar_t>(grad_out), rows_of<scalar_t>(target), rows_of<scalar_t>(u),
+                              rows_of<scalar_t>(grad_target), rows_of<scalar_t>(grad_u),
+                              grad_weights.data_ptr<scalar_t>(), scalar_t(target_is_residual ? 1 : 0));
+      grad_b_chunk<scalar_t>(grad_b_per_range[range].data_ptr<scalar_t>(), mid.data_ptr<scalar_t>(), z, first, count,
+                             experts, rank, d);
+      grad_mid_chunk<scalar_t>(grad_mid.data_ptr<scalar_t>(), z, b.data_ptr<scalar_t>(), first, count, experts, rank, d);
     });
   });
   auto grad_b = grad_b_per_range.sum(0);  // in range order: deterministic
@@ -469,6 +462,6 @@ std::vector<at::Tensor> modulate_backward(at::Tensor grad_out, at::Tensor target
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &modulate_forward, "HyCAM modulation forward (CPU, fused elementwise)");
-  m.def("backward", &modulate_backward, "HyCAM modulation backward (CPU, fused elementwise)");
+  m.def("forward", &modulate_forward, "HyCAM modulation forward (CPU, fused)");
+  m.def("backward", &modulate_backward, "HyCAM modulation backward (CPU, fused)");
 }
