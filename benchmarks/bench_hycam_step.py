@@ -8,8 +8,11 @@ alike; the table prints medians and ratios to the frozen backbone. "Saved activa
 bytes autograd keeps for backward (unique storages, parameters excluded).
 
 Two stand-ins for the authors' algorithm: their code's arithmetic step for step, and a simplified
-expert loop (faster than theirs: it stacks experts on a middle dim). "torch ops" is hycam-ds with
-its fused CPU kernel switched off (HYCAM_FUSED_CPU=0), to show what the kernel buys.
+expert loop (faster than theirs: it stacks experts on a middle dim). Two rows show what hycam-ds's
+CPU paths buy: "torch ops" switches its fused CPU kernel off (HYCAM_FUSED_CPU=0), "projection on
+torch's GEMM" runs its joint projection on torch's default BLAS instead of oneDNN
+(HYCAM_ONEDNN_LINEAR=0; see hycam_ds/cpu_gemm.py). Every other row (the backbone itself, LoRA,
+the authors' code) runs on torch's defaults.
 """
 
 from __future__ import annotations
@@ -77,6 +80,9 @@ class AuthorsCodeModulation(AuthorsLoopModulation):
 AUTHORS_CODE = "authors' code (loop, stack on last dim, residual site)"
 AUTHORS_LOOP = "expert loop, simplified (stack [T, N_s, d])"
 TORCH_OPS = "hycam-ds soft, torch ops (HYCAM_FUSED_CPU=0)"
+TORCH_GEMM = "hycam-ds soft, projection on torch's GEMM (HYCAM_ONEDNN_LINEAR=0)"
+# Environment per variant, read by hycam-ds at every call: these rows switch one CPU path off.
+VARIANT_ENV = {TORCH_OPS: {"HYCAM_FUSED_CPU": "0"}, TORCH_GEMM: {"HYCAM_ONEDNN_LINEAR": "0"}}
 
 
 def build_variant(name: str, args) -> tuple[nn.Module, list[nn.Parameter]]:
@@ -153,21 +159,22 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     names = ["frozen backbone", "PEFT LoRA r=8 (q,k,v,o)", AUTHORS_CODE, AUTHORS_LOOP, "hycam-ds soft (paper)", "hycam-ds hard",
-             TORCH_OPS, "shared CAM alone (the floor: no experts)"]
+             TORCH_OPS, TORCH_GEMM, "shared CAM alone (the floor: no experts)"]
     ids = torch.randint(0, args.vocab, (args.batch, args.seq))
     variants = {}
     for name in names:
         model, params = build_variant(name, args)
         optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
         total = sum(p.numel() for p in model.parameters())
+        env = {"HYCAM_FUSED_CPU": "1", "HYCAM_ONEDNN_LINEAR": "1", **VARIANT_ENV.get(name, {})}
         variants[name] = dict(model=model, optimizer=optimizer, times=[], trainable=sum(p.numel() for p in params) / total,
-                              fused="0" if name == TORCH_OPS else "1")
+                              env=env)
     for name, v in variants.items():
-        os.environ["HYCAM_FUSED_CPU"] = v["fused"]  # read at every call: one variant runs without the kernel
+        os.environ.update(v["env"])
         v["saved"] = saved_activation_bytes(v["model"], ids)
     for round_index in range(args.warmup + args.steps):  # round-robin: noise hits every variant alike
         for v in variants.values():
-            os.environ["HYCAM_FUSED_CPU"] = v["fused"]
+            os.environ.update(v["env"])
             elapsed = one_step(v["model"], v["optimizer"], ids)
             if round_index >= args.warmup:
                 v["times"].append(elapsed)

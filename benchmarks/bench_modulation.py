@@ -1,10 +1,12 @@
-"""The modulation alone: forward + backward of one layer's HyCAM modulation, fused CPU kernel vs
-torch ops (hycam_ds/modulation.py), in one process, alternating, medians and ratios.
+"""The modulation alone: forward + backward of one layer's HyCAM after its joint projection
+(routing, the N_k products, the modulation: hycam_ds.modulation.modulate_layer), fused CPU kernel
+vs torch ops, in one process, alternating, medians and ratios.
 
     .venv/bin/python benchmarks/bench_modulation.py [--rows 2048 --hidden 512 --experts 5 --rank 8]
 
-Inputs as the layer hands them over: u and the target are row-strided column slices of one
-wider tensor; the target is its own residual (site="attention").
+Inputs as the layer hands them over: the joint projection [T, C] holding u, every A_k x and the
+router logits; Gumbel noise; the target is its own residual (site="attention"); the gradient
+reaches the routing weights and probabilities as the balance loss sends it.
 """
 
 from __future__ import annotations
@@ -33,17 +35,18 @@ def main() -> None:
         raise SystemExit("the fused CPU kernel could not be built here (see the warning above)")
     g = torch.Generator().manual_seed(0)
     t, n, r, d = args.rows, args.experts, args.rank, args.hidden
-    joint = torch.randn(t, 2 * d, generator=g).requires_grad_()
-    mid = torch.randn(t, n, r, generator=g).requires_grad_()
+    layout = modulation.ProjectionLayout(d, n, r, shared=True)
+    proj = torch.randn(t, layout.width, generator=g).requires_grad_()
+    target = torch.randn(t, d, generator=g).requires_grad_()
+    spec_n = (torch.randn(n, r, r, generator=g) * 0.3).requires_grad_()
     spec_b = (torch.randn(n, r, d, generator=g) * 0.3).requires_grad_()
-    weights = torch.softmax(torch.randn(t, n, generator=g), -1).requires_grad_()
-    grad_out = torch.randn(t, d, generator=g)
+    noise = torch.randn(t, n, generator=g)
+    grads = (torch.randn(t, d, generator=g), torch.randn(t, n, generator=g) * 1e-3, torch.randn(t, n, generator=g) * 1e-3)
 
     def step(hard: bool) -> float:
         start = time.perf_counter()
-        u, target = joint[:, :d], joint[:, d:]
-        out = modulation.modulate(target, target, u, mid, spec_b, weights, 0.5, hard)
-        torch.autograd.grad(out, (joint, mid, spec_b, weights), grad_out)
+        out, weights, probs = modulation.modulate_layer(target, target, proj, layout, spec_n, spec_b, noise, 0.5, 0.5, hard)
+        torch.autograd.grad((out, weights, probs), (proj, target, spec_n, spec_b), grads)
         return time.perf_counter() - start
 
     rows = [("fused CPU kernel", "1", False), ("torch ops", "0", False),

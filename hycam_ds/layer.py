@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_gemm
 from .config import HyCAMConfig
-from .modulation import modulate
-from .router import NoiseState, route
+from .modulation import ProjectionLayout, modulate_layer
+from .router import NoiseState, gumbel_noise, routing_mode
 
 
 @dataclass
@@ -77,43 +78,46 @@ class HyCAMModulation(nn.Module):
             if p is not None:
                 nn.init.zeros_(p)
 
-    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        """x [T, d] -> (u = x W_shared [T, d] or None, A_k x for all k [T, N*r], router logits [T, N])."""
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, ProjectionLayout | None]:
+        """x [T, d] -> (one [T, C] tensor holding x W_shared, every A_k x and the router logits side
+        by side, their layout). One GEMM over concatenated weights: small-output GEMMs
+        ([d, N_s*r], [d, N_s]) run far below peak on their own. On CPU the GEMMs run on oneDNN
+        (cpu_gemm.py: 2x torch's default there). Shared CAM alone: (x W_shared, None)."""
+        if self.spec_a is None:
+            return cpu_gemm.linear(x, self.shared_weight, self.shared_bias), None
+        cfg = self.config
+        layout = ProjectionLayout(x.shape[-1], cfg.num_specialized, cfg.rank, self.shared_weight is not None)
         weights = [w for w in (self.shared_weight, self.spec_a, self.router_weight) if w is not None]
-        bias = None
-        if self.config.bias:
-            parts = [self.shared_bias, None if self.spec_a is None else x.new_zeros(self.spec_a.shape[0]), self.router_bias]
-            bias = torch.cat([b for b in parts if b is not None])
-        if self.spec_a is None:  # shared CAM alone
-            return F.linear(x, self.shared_weight, bias), None, None
-        sizes = [w.shape[0] for w in weights]
-        # Zero rows up to a multiple of 8 output columns (d + N_s*r + N_s is odd at the defaults):
-        # measured 3% faster for the three GEMMs here (MKL, d=512: 557 -> 560 columns), and the
-        # width tensor cores want on GPUs. The padding columns are dropped right away.
-        pad = -sum(sizes) % 8
+        pad = layout.width - layout.logit_col - layout.experts  # zero rows: their columns are never read
         if pad:
             weights.append(x.new_zeros(pad, x.shape[-1]))
-            bias = None if bias is None else torch.cat([bias, x.new_zeros(pad)])
-        parts = torch.split(F.linear(x, torch.cat(weights), bias), sizes + ([pad] if pad else []), dim=-1)[:len(sizes)]
-        return (None, *parts) if self.shared_weight is None else tuple(parts)
+        bias = None
+        if cfg.bias:
+            parts = [self.shared_bias, x.new_zeros(self.spec_a.shape[0]), self.router_bias, x.new_zeros(pad)]
+            bias = torch.cat([b for b in parts if b is not None])
+        return cpu_gemm.linear(x, torch.cat(weights), bias), layout
 
     def forward(self, x: torch.Tensor, h_att: torch.Tensor, h_in: torch.Tensor | None = None) -> torch.Tensor:
         cfg, state = self.config, self._state
         shape = h_att.shape
-        x2 = x.reshape(-1, shape[-1])
-        u, low_rank, logits = self._project(x2)
+        proj, layout = self._project(x.reshape(-1, shape[-1]))
         h2 = h_att.reshape(-1, shape[-1])
         target = h2 if cfg.site == "attention" else h2 + h_in.reshape(-1, shape[-1])
-        if logits is None:  # shared CAM alone: no experts to route
-            shared = F.silu(u)
+        if layout is None:  # shared CAM alone: no experts to route
+            shared = F.silu(proj)
             self.last_magnitudes = {"shared_magnitude": shared.detach().abs().mean().float(), "specialized_magnitude": None} if state.record_stats else {}
             return torch.addcmul(h2, target, shared).view(shape)
-        logits = logits.float()
-        weights, hard = route(logits, cfg, self.training, state.noise, self.layer_index)
-        self.last_routing = {"weights": weights.view(*shape[:-1], -1), "logits": logits.view(*shape[:-1], -1)}
-        mid = torch.einsum("tnr,nrs->tns", low_rank.reshape(-1, cfg.num_specialized, cfg.rank), self.spec_n)
+        hard, sample = routing_mode(cfg, self.training)
+        noise = None
+        if sample:
+            rows = proj.shape[0]
+            noise = gumbel_noise((rows, layout.experts), state.noise.generator(self.layer_index, proj.device), proj.device)
         stats: dict | None = {} if state.record_stats else None
-        out = modulate(h2, target, u, mid, self.spec_b, weights.to(h2.dtype), cfg.scaling, hard, stats)
+        out, weights, probs = modulate_layer(h2, target, proj, layout, self.spec_n, self.spec_b, noise, cfg.tau,
+                                             cfg.scaling, hard, stats)
+        tokens = shape[:-1]
+        self.last_routing = {"weights": weights.view(*tokens, -1), "probs": probs.view(*tokens, -1),
+                             "logits": layout.split(proj)[2].view(*tokens, -1)}
         self.last_magnitudes = stats or {}
         return out.view(shape)
 

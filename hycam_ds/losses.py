@@ -56,7 +56,7 @@ def balance_loss(model: nn.Module, token_mask=None, segment_ids=None) -> torch.T
                 "checkpointing (use_reentrant=True) runs the forward without autograd, so the router "
                 "could not learn from this loss: enable checkpointing with use_reentrant=False."
             )
-        probs = torch.softmax(layer.last_routing["logits"], dim=-1)
+        probs = layer.last_routing["probs"]  # softmax(logits), computed with the routing (fused on CPU)
         mask = resolve_token_mask(model, weights.shape[:-1], token_mask, segment_ids)
         term = (_masked_mean(weights, mask) * _masked_mean(probs, mask)).sum()
         total = term if total is None else total + term

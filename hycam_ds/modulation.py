@@ -9,18 +9,26 @@ the recomputation costs T * N_s * r * d multiply-adds, a few percent of the shar
 projection. What is saved per token is only u (the shared pre-activation), the modulated target
 and the low-rank activations.
 
-Two implementations of the same function: on CPU in float32/float64 a fused C++ kernel
-(csrc/modulate_cpu.cpp, loaded by fused_cpu.py) does each chunk's small-K products and all its
-elementwise work in one pass per token row; elsewhere (accelerators, bf16/fp16, no compiler, HYCAM_FUSED_CPU=0) torch ops do, chunk by chunk.
+`modulate_layer` takes everything after the layer's joint projection of x (u, every A_k x and
+the router logits, side by side in one [T, C] tensor; see ProjectionLayout) and has two
+implementations of the same function:
+- on CPU in float32/float64, a fused C++ kernel (csrc/modulate_cpu.cpp, loaded by fused_cpu.py):
+  routing, the N_k products, each chunk's small-K products and all elementwise work, forward and
+  backward, with the projection's gradient written in place, column block by column block;
+- elsewhere (accelerators, bf16/fp16, no compiler, HYCAM_FUSED_CPU=0) torch ops: softmax
+  routing and an einsum for the N_k, then `modulate` (the custom function above, chunk by chunk).
 Tests hold both to the same autograd reference.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from . import fused_cpu
+from .router import route
 
 
 def _l2_cache_elements(default: int = 1 << 18) -> int:
@@ -99,25 +107,10 @@ class _ModulateFn(torch.autograd.Function):
         mix_weights = weights
         if hard:
             mix_weights = F.one_hot(weights.argmax(-1), experts).to(weights.dtype)
-        fused = fused_cpu.usable(residual, target, mid, spec_b)
         stats_sums = None
-        if stats is not None and not fused:
+        if stats is not None:
             stats_sums = [target.new_zeros((), dtype=torch.float32), target.new_zeros((), dtype=torch.float32)]
-        ctx.fused = fused
-        # site="attention" passes h_att as both: its whole gradient g * (1 + A) then comes out as
-        # target's, in the same pass (autograd sums the two slots of one tensor anyway).
-        ctx.target_is_residual = residual is target
-        if fused:
-            # Row-strided [T, d] operands are fine (u is a column slice of the joint projection).
-            # Hard routing takes the same kernel: it skips the SiLU of unchosen experts.
-            residual, target, u = (None if t is None else fused_cpu.rows_contiguous(t) for t in (residual, target, u))
-            mid, spec_b, mix_weights = (t.contiguous() for t in (mid, spec_b, mix_weights.to(target.dtype)))
-            out, shared_sum, spec_sum = fused_cpu.load().forward(
-                residual, target, u if u is not None else target.new_empty(0), mid, spec_b, mix_weights,
-                float(scale), _CPU_CHUNK_ELEMENTS)
-            if stats is not None:
-                stats_sums = [shared_sum.float(), spec_sum.float()]
-        elif hard:
+        if hard:
             out = torch.empty_like(target)
             # Only the selected expert contributes: mask the low-rank activations and run a single
             # [T, N*r] x [N*r, d] matmul instead of materialising every expert's output.
@@ -146,12 +139,6 @@ class _ModulateFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         target, u, mid, spec_b, mix_weights = ctx.saved_tensors
-        if ctx.fused:
-            grad_target, grad_u, grad_mid, grad_b, grad_weights = fused_cpu.load().backward(
-                grad_out, target, u, mid, spec_b, mix_weights, float(ctx.scale), _CPU_CHUNK_ELEMENTS,
-                ctx.target_is_residual)
-            return (None if ctx.target_is_residual else grad_out, grad_target, grad_u if ctx.has_shared else None,
-                    grad_mid, grad_b, grad_weights, None, None, None)
         u = u if ctx.has_shared else None
         rows, experts, rank = mid.shape
         step = _row_chunk(rows, experts, target.shape[1], target.device)
@@ -171,3 +158,90 @@ def modulate(residual, target, u, mid, spec_b, weights, scale: float, hard: bool
     """residual + target * A. Token rows: residual, target [T, d], u [T, d] or None, mid [T, N, r],
     spec_b [N, r, d], weights [T, N]. Adding the residual here saves a [T, d] pass and temporary."""
     return _ModulateFn.apply(residual, target, u, mid, spec_b, weights, scale, hard, stats)
+
+
+@dataclass(frozen=True)
+class ProjectionLayout:
+    """Where each part of a layer's joint projection of x sits among its columns:
+    [u = x W_shared (hidden, if shared) | A_k x for all k (experts * rank) | router logits (experts) | zero padding]."""
+
+    hidden: int
+    experts: int
+    rank: int
+    shared: bool
+
+    @property
+    def u_col(self) -> int:
+        return 0 if self.shared else -1
+
+    @property
+    def low_col(self) -> int:
+        return self.hidden if self.shared else 0
+
+    @property
+    def logit_col(self) -> int:
+        return self.low_col + self.experts * self.rank
+
+    @property
+    def width(self) -> int:
+        """Columns with padding: a multiple of 8 (d + N_s*r + N_s is odd at the defaults; the GEMMs
+        measured 3% faster at 560 than at 557 columns here, and tensor cores want it on GPUs)."""
+        return -(-(self.logit_col + self.experts) // 8) * 8
+
+    def split(self, proj: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """(u or None, A_k x for all k [T, N*r], logits [T, N]): views of proj's columns."""
+        u = proj[:, :self.hidden] if self.shared else None
+        return u, proj[:, self.low_col:self.logit_col], proj[:, self.logit_col:self.logit_col + self.experts]
+
+
+class _FusedLayerFn(torch.autograd.Function):
+    """modulate_layer on the fused CPU kernel: one call forward, one backward, which writes the
+    whole projection's gradient (no [T, C] concatenation of its column blocks afterwards)."""
+
+    @staticmethod
+    def forward(ctx, residual, target, proj, spec_n, spec_b, noise, layout, tau, scale, hard, stats):
+        ctx.target_is_residual = residual is target  # site="attention": h_att's whole gradient is g * (1 + A)
+        residual, target, proj = (fused_cpu.rows_contiguous(t) for t in (residual, target, proj))
+        spec_n, spec_b = spec_n.contiguous(), spec_b.contiguous()
+        noise = target.new_empty(0) if noise is None else noise.to(target.dtype).contiguous()
+        out, weights, probs, mid, mix, shared_sum, spec_sum = fused_cpu.load().layer_forward(
+            residual, target, proj, spec_n, spec_b, noise, layout.u_col, layout.low_col, layout.logit_col,
+            float(tau), float(scale), bool(hard), _CPU_CHUNK_ELEMENTS)
+        if stats is not None:
+            count = target.numel()
+            stats["shared_magnitude"] = (shared_sum.float() / count) if layout.shared else None
+            stats["specialized_magnitude"] = spec_sum.float() / count
+        ctx.layout, ctx.tau, ctx.scale = layout, tau, scale
+        ctx.save_for_backward(target, proj, spec_n, spec_b, mid, mix, weights, probs)
+        ctx.mark_non_differentiable(mid, mix)
+        return out, weights, probs
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_weights, grad_probs):
+        target, proj, spec_n, spec_b, mid, mix, weights, probs = ctx.saved_tensors
+        layout, empty = ctx.layout, target.new_empty(0)
+        grad_target, grad_proj, grad_n, grad_b = fused_cpu.load().layer_backward(
+            grad_out, empty if grad_weights is None else grad_weights, empty if grad_probs is None else grad_probs,
+            target, proj, spec_n, spec_b, mid, mix, weights, probs, layout.u_col, layout.low_col, layout.logit_col,
+            float(ctx.tau), float(ctx.scale), _CPU_CHUNK_ELEMENTS, ctx.target_is_residual)
+        grad_residual = None if ctx.target_is_residual else grad_out
+        return grad_residual, grad_target, grad_proj, grad_n, grad_b, None, None, None, None, None, None
+
+
+def modulate_layer(residual, target, proj, layout: ProjectionLayout, spec_n, spec_b, noise, tau: float, scale: float,
+                   hard: bool, stats: dict | None = None):
+    """Everything of one layer's HyCAM after its joint projection of x. Token rows: residual,
+    target [T, d]; proj [T, layout.width]; spec_n [N, r, r]; spec_b [N, r, d]; noise: Gumbel noise
+    [T, N] (training) or None. Routing weights = softmax((logits + noise) / tau), mixed as they are
+    (soft) or as the one-hot of their argmax with straight-through gradients (hard).
+
+    Returns (residual + target * A [T, d], routing weights [T, N] (fp32 on torch ops), probs =
+    softmax(logits) [T, N] for the balance loss); the last two carry gradients to the router."""
+    if fused_cpu.usable(residual, target, proj, spec_b):
+        return _FusedLayerFn.apply(residual, target, proj, spec_n, spec_b, noise, layout, tau, scale, hard, stats)
+    u, low_rank, logits = layout.split(proj)
+    # Routing in at least fp32 (bf16 logits would round the softmax), in fp64 for fp64 inputs.
+    weights, probs = route(logits.to(torch.promote_types(logits.dtype, torch.float32)), noise, tau)
+    mid = torch.einsum("tnr,nrs->tns", low_rank.reshape(-1, layout.experts, layout.rank), spec_n)
+    out = modulate(residual, target, u, mid, spec_b, weights.to(target.dtype), scale, hard, stats)
+    return out, weights, probs

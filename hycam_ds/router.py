@@ -39,18 +39,20 @@ def gumbel_noise(shape: torch.Size, generator: torch.Generator, device, dtype=to
     return -torch.log(exponential)
 
 
-def route(logits: torch.Tensor, config: HyCAMConfig, training: bool, noise: NoiseState, layer_index: int) -> tuple[torch.Tensor, bool]:
-    """Router logits [T, N] (fp32) -> (routing weights [T, N] in fp32, whether they are hard).
-
-    Training: Gumbel-softmax at temperature tau (hard = one-hot of its argmax, straight-through).
-    Eval: per config.eval_routing, noise-free softmax(logits / tau) by default."""
+def routing_mode(config: HyCAMConfig, training: bool) -> tuple[bool, bool]:
+    """(hard, sample): whether the routing weights are mixed as a one-hot, and whether Gumbel noise
+    is drawn. Training: config.routing, sampled. Eval: per config.eval_routing, noise-free
+    softmax by default."""
     if training:
-        mode, sample = config.routing, True
-    else:
-        mode = {"softmax": "soft", "argmax": "hard", "sample": config.routing}[config.eval_routing]
-        sample = config.eval_routing == "sample"
-    scores = logits
-    if sample:
-        generator = noise.generator(layer_index, logits.device)
-        scores = logits + gumbel_noise(logits.shape, generator, logits.device)
-    return F.softmax(scores / config.tau, dim=-1), mode == "hard"
+        return config.routing == "hard", True
+    mode = {"softmax": "soft", "argmax": "hard", "sample": config.routing}[config.eval_routing]
+    return mode == "hard", config.eval_routing == "sample"
+
+
+def route(logits: torch.Tensor, noise: torch.Tensor | None, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits [T, N] (fp32) -> (weights = softmax((logits + noise) / tau), probs = softmax(logits)).
+
+    probs are the noise-free router distribution the balance loss and the statistics read. The
+    fused CPU kernel computes the same two per token row (csrc/modulate_cpu.cpp, route_rows)."""
+    scores = logits if noise is None else logits + noise
+    return F.softmax(scores / tau, dim=-1), F.softmax(logits, dim=-1)

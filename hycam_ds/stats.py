@@ -21,7 +21,7 @@ def routing_stats(model: nn.Module, token_mask=None, segment_ids=None) -> list[d
             if not layer.last_routing:
                 continue
             weights = layer.last_routing["weights"].detach().float()
-            probs = torch.softmax(layer.last_routing["logits"].detach(), dim=-1)
+            probs = layer.last_routing["probs"].detach().float()
             mask = resolve_token_mask(model, weights.shape[:-1], token_mask, segment_ids)
             entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1, keepdim=True)
             top = torch.nn.functional.one_hot(weights.argmax(-1), weights.shape[-1]).float()

@@ -21,7 +21,7 @@ def test_hycam_step_benchmark_prints_every_variant():
     out = _run("bench_hycam_step.py", "--hidden", "64", "--layers", "2", "--seq", "32", "--batch", "1",
                "--vocab", "256", "--steps", "1", "--warmup", "0")
     for row in ("frozen backbone", "PEFT LoRA", "authors' code", "expert loop, simplified", "hycam-ds soft (paper)",
-                "hycam-ds hard", "hycam-ds soft, torch ops", "shared CAM alone"):
+                "hycam-ds hard", "hycam-ds soft, torch ops", "hycam-ds soft, projection on torch's GEMM", "shared CAM alone"):
         assert f"| {row}" in out, f"missing row {row!r} in:\n{out}"
     assert "vs the authors' code" in out and "vs the simplified expert loop" in out
 

@@ -1,4 +1,4 @@
-"""The fused CPU kernel of the modulation against the torch-ops implementation, and its fallbacks."""
+"""The fused CPU kernel of the layer's modulation against the torch-ops implementation, and its fallbacks."""
 
 import os
 import subprocess
@@ -9,46 +9,60 @@ import pytest
 import torch
 
 from hycam_ds import fused_cpu, modulation
+from hycam_ds.modulation import ProjectionLayout
 
 
-def _leaves(rows, experts, rank, hidden, dtype=torch.float32, seed=0):
-    """residual, joint, mid, spec_b, weights; u and target are column slices of joint (see _operands)."""
+def _leaves(rows, experts, rank, hidden, shared=True, dtype=torch.float32, seed=0):
+    """residual, joint (target is a column slice of it), proj_wide (proj is a column slice), spec_n, spec_b."""
     g = torch.Generator().manual_seed(seed)
+    width = ProjectionLayout(hidden, experts, rank, shared).width
     return [t.requires_grad_() for t in (
         torch.randn(rows, hidden, generator=g, dtype=dtype),
-        torch.randn(rows, 2 * hidden + 3, generator=g, dtype=dtype),
-        torch.randn(rows, experts, rank, generator=g, dtype=dtype),
-        torch.randn(experts, rank, hidden, generator=g, dtype=dtype) * 0.3,
-        torch.softmax(torch.randn(rows, experts, generator=g, dtype=dtype) * 2, -1))]
+        torch.randn(rows, hidden + 3, generator=g, dtype=dtype),
+        torch.randn(rows, width + 5, generator=g, dtype=dtype),
+        torch.randn(experts, rank, rank, generator=g, dtype=dtype) * 0.5,
+        torch.randn(experts, rank, hidden, generator=g, dtype=dtype) * 0.3)]
 
 
-def _operands(leaves, hidden):
-    """u and target are row-strided column slices of one wider tensor, as the layer hands them over."""
-    residual, joint, mid, spec_b, weights = leaves
-    return residual, joint[:, hidden + 3:], joint[:, :hidden], mid, spec_b, weights
+def _operands(leaves, layout):
+    """target and proj are row-strided column slices of wider tensors, as the layer may hand them over."""
+    residual, joint, proj_wide, spec_n, spec_b = leaves
+    return residual, joint[:, 3:], proj_wide[:, 5:], layout, spec_n, spec_b
 
 
-def _run(env_value, hard, monkeypatch, chunk_elements, experts=5, rank=8, hidden=64):
+def _run(env_value, hard, monkeypatch, chunk_elements, experts=5, rank=8, hidden=64, shared=True, rows=300):
     monkeypatch.setenv("HYCAM_FUSED_CPU", env_value)
     monkeypatch.setattr(modulation, "_CPU_CHUNK_ELEMENTS", chunk_elements)
-    leaves = _leaves(300, experts, rank, hidden)
+    layout = ProjectionLayout(hidden, experts, rank, shared)
+    leaves = _leaves(rows, experts, rank, hidden, shared)
+    noise = torch.randn(rows, experts, generator=torch.Generator().manual_seed(7))
     stats = {}
-    out = modulation.modulate(*_operands(leaves, hidden), 0.5, hard, stats)
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(9))
-    return out.detach(), torch.autograd.grad(out, leaves, grad_out), stats
+    out, weights, probs = modulation.modulate_layer(*_operands(leaves, layout), noise, 0.5, 0.5, hard, stats)
+    g = torch.Generator().manual_seed(9)
+    loss = (out * torch.randn(out.shape, generator=g)).sum() + (weights.mean(0) * probs.mean(0)).sum()
+    return (out.detach(), weights.detach(), probs.detach()), torch.autograd.grad(loss, leaves), stats
+
+
+def _assert_same(fused, plain):
+    for a, b in zip(fused[0], plain[0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(fused[1], plain[1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("hard", [False, True])
+@pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("chunk_elements", [1 << 18, 5 * 64 * 7])  # one chunk; 7 rows per chunk (partial last)
-def test_fused_equals_torch_ops_in_float32(hard, chunk_elements, monkeypatch):
+def test_fused_equals_torch_ops_in_float32(hard, shared, chunk_elements, monkeypatch):
     assert fused_cpu.load() is not None, "the fused CPU kernel must build on this machine (it has a C++ compiler)"
-    fused = _run("1", hard, monkeypatch, chunk_elements)
-    plain = _run("0", hard, monkeypatch, chunk_elements)
-    torch.testing.assert_close(fused[0], plain[0], rtol=1e-5, atol=1e-5)
-    for a, b in zip(fused[1], plain[1]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    fused = _run("1", hard, monkeypatch, chunk_elements, shared=shared)
+    plain = _run("0", hard, monkeypatch, chunk_elements, shared=shared)
+    _assert_same(fused, plain)
     for key in ("shared_magnitude", "specialized_magnitude"):
-        torch.testing.assert_close(fused[2][key], plain[2][key], rtol=1e-5, atol=0)
+        if shared or key == "specialized_magnitude":
+            torch.testing.assert_close(fused[2][key], plain[2][key], rtol=1e-5, atol=0)
+        else:
+            assert fused[2][key] is None and plain[2][key] is None
 
 
 @pytest.mark.parametrize("rank, hidden", [(6, 70), (3, 37), (1, 8)])
@@ -56,9 +70,7 @@ def test_fused_equals_torch_ops_off_the_vector_widths(rank, hidden, monkeypatch)
     """The float kernels work in blocks (4 ranks, 8/16/32 columns): every remainder path too."""
     fused = _run("1", False, monkeypatch, 5 * hidden * 7, experts=3, rank=rank, hidden=hidden)
     plain = _run("0", False, monkeypatch, 5 * hidden * 7, experts=3, rank=rank, hidden=hidden)
-    torch.testing.assert_close(fused[0], plain[0], rtol=1e-5, atol=1e-5)
-    for a, b in zip(fused[1], plain[1]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    _assert_same(fused, plain)
 
 
 def test_fused_kernel_is_taken_only_where_it_applies(monkeypatch):
@@ -73,11 +85,18 @@ def test_fused_kernel_is_taken_only_where_it_applies(monkeypatch):
 
 def test_kernel_rejects_mismatched_operands_clearly():
     kernel = fused_cpu.load()
-    residual, target, u, mid, spec_b, weights = (t.detach() for t in _operands(_leaves(4, 2, 3, 5), 5))
-    with pytest.raises(RuntimeError, match="mid has dtype Double, expected Float"):
-        kernel.forward(residual, target, u, mid.double(), spec_b, weights, 1.0, 64)
+    layout = ProjectionLayout(5, 2, 3, True)
+    residual, target, proj, _, spec_n, spec_b = (t.detach() if torch.is_tensor(t) else t for t in _operands(_leaves(4, 2, 3, 5), layout))
+    cols = (layout.u_col, layout.low_col, layout.logit_col)
+    with pytest.raises(RuntimeError, match="n has dtype Double, expected Float"):
+        kernel.layer_forward(residual, target, proj, spec_n.double(), spec_b, torch.empty(0), *cols, 0.5, 1.0, False, 64)
     with pytest.raises(RuntimeError, match="b must be contiguous"):
-        kernel.forward(residual, target, u, mid, spec_b.transpose(1, 2).contiguous().transpose(1, 2), weights, 1.0, 64)
+        kernel.layer_forward(residual, target, proj, spec_n, spec_b.transpose(1, 2).contiguous().transpose(1, 2),
+                             torch.empty(0), *cols, 0.5, 1.0, False, 64)
+    with pytest.raises(RuntimeError, match=r"does not hold the packed columns"):
+        kernel.layer_forward(residual, target, proj[:, :10], spec_n, spec_b, torch.empty(0), *cols, 0.5, 1.0, False, 64)
+    with pytest.raises(RuntimeError, match=r"noise must be \[T, N\] = \[4, 2\]"):
+        kernel.layer_forward(residual, target, proj, spec_n, spec_b, torch.zeros(4, 3), *cols, 0.5, 1.0, False, 64)
 
 
 def test_a_failed_build_warns_once_and_falls_back_to_torch_ops(tmp_path):
@@ -90,11 +109,12 @@ def test_a_failed_build_warns_once_and_falls_back_to_torch_ops(tmp_path):
         from hycam_ds import fused_cpu, modulation
         from pathlib import Path
         fused_cpu._SOURCE = Path({str(broken)!r})
+        layout = modulation.ProjectionLayout(6, 3, 2, True)
         h = torch.randn(4, 6, requires_grad=True)
-        out = modulation.modulate(h, h, torch.randn(4, 6), torch.randn(4, 3, 2), torch.randn(3, 2, 6),
-                                  torch.softmax(torch.randn(4, 3), -1), 1.0, False)
-        out.sum().backward()
-        modulation.modulate(h, h, None, torch.randn(4, 3, 2), torch.randn(3, 2, 6), torch.softmax(torch.randn(4, 3), -1), 1.0, False)
+        for _ in range(2):
+            out, weights, probs = modulation.modulate_layer(h, h, torch.randn(4, layout.width), layout, torch.randn(3, 2, 2),
+                                                            torch.randn(3, 2, 6), torch.randn(4, 3), 0.5, 1.0, False)
+            out.sum().backward()
         assert fused_cpu.load() is None and h.grad is not None
         print("FELL_BACK")
     """)

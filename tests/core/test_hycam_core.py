@@ -102,9 +102,18 @@ def _autograd_reference(residual, target, u, mid, spec_b, weights, scale, hard):
     return residual + target * a
 
 
+def _layer_reference(residual, target, proj, layout, spec_n, spec_b, noise, tau, scale, hard):
+    """hycam_ds.modulation.modulate_layer written plainly: routing, the N_k products, the modulation."""
+    u, low_rank, logits = layout.split(proj)
+    scores = logits if noise is None else logits + noise
+    weights, probs = F.softmax(scores / tau, -1), F.softmax(logits, -1)
+    mid = torch.einsum("tnr,nrs->tns", low_rank.reshape(-1, layout.experts, layout.rank), spec_n)
+    return _autograd_reference(residual, target, u, mid, spec_b, weights, scale, hard), weights, probs
+
+
 @pytest.fixture(params=["fused_cpu", "torch_ops"])
 def kernel(request, monkeypatch):
-    """Runs a test on both implementations of the modulation: the C++ kernel and torch ops."""
+    """Runs a test on both implementations of the layer's modulation: the C++ kernel and torch ops."""
     from hycam_ds import fused_cpu
 
     monkeypatch.setenv("HYCAM_FUSED_CPU", "1" if request.param == "fused_cpu" else "0")
@@ -113,44 +122,67 @@ def kernel(request, monkeypatch):
     return request.param
 
 
+def _layer_leaves(t, n, r, d, shared, seed):
+    from hycam_ds.modulation import ProjectionLayout
+
+    g = torch.Generator().manual_seed(seed)
+    layout = ProjectionLayout(d, n, r, shared)
+
+    def leaf(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).requires_grad_()
+
+    # proj scaled so that the router's softmax is neither flat nor saturated
+    leaves = dict(residual=leaf(t, d), target=leaf(t, d), proj=leaf(t, layout.width, scale=1.5),
+                  spec_n=leaf(n, r, r), spec_b=leaf(n, r, d))
+    noise = torch.randn(t, n, generator=g, dtype=torch.float64)
+    return layout, leaves, noise
+
+
+def _through_balance_term(out, weights, probs, grad_out):
+    """A scalar that depends on all three outputs, as the LM loss plus the balance loss does."""
+    return (out * grad_out).sum() + 3.0 * (weights.mean(0) * probs.mean(0)).sum()
+
+
 @pytest.mark.parametrize("hard", [False, True])
 @pytest.mark.parametrize("with_shared", [True, False])
 @pytest.mark.parametrize("chunk_elements", [1 << 20, 80])
-def test_fused_modulation_gradients(hard, with_shared, chunk_elements, kernel, monkeypatch):
+@pytest.mark.parametrize("noisy", [True, False])
+def test_fused_modulation_gradients(hard, with_shared, chunk_elements, noisy, kernel, monkeypatch):
     from hycam_ds import modulation
-    from hycam_ds.modulation import modulate
 
     monkeypatch.setattr(modulation, "_CPU_CHUNK_ELEMENTS", chunk_elements)  # 80: 2 rows per chunk
-
-    g = torch.Generator().manual_seed(3)
-    t, n, r, d = 11, 5, 3, 7
-
-    def leaf(*shape):
-        return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
-
-    inputs = [leaf(t, d), leaf(t, d), leaf(t, d) if with_shared else None, leaf(t, n, r), leaf(n, r, d)]
-    weights = torch.softmax(torch.randn(t, n, generator=g, dtype=torch.float64) * 3, -1).requires_grad_()
-    grad_out = torch.randn(t, d, generator=g, dtype=torch.float64)
-    ours = modulate(*inputs, weights, 1.7, hard)
-    ref = _autograd_reference(*inputs, weights, 1.7, hard)
-    torch.testing.assert_close(ours, ref)
-    leaves = [x for x in inputs if x is not None] + [weights]
-    torch.testing.assert_close(torch.autograd.grad(ours, leaves, grad_out), torch.autograd.grad(ref, leaves, grad_out))
+    layout, leaves, noise = _layer_leaves(11, 5, 3, 7, with_shared, seed=3)
+    noise = noise if noisy else None
+    args = (layout, leaves["spec_n"], leaves["spec_b"], noise, 0.6, 1.7, hard)
+    ours = modulation.modulate_layer(leaves["residual"], leaves["target"], leaves["proj"], *args)
+    ref = _layer_reference(leaves["residual"], leaves["target"], leaves["proj"], *args)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a.double(), b)
+    grad_out = torch.randn(11, 7, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    grads = [torch.autograd.grad(_through_balance_term(*outs, grad_out), list(leaves.values())) for outs in (ours, ref)]
+    torch.testing.assert_close(grads[0], grads[1])
+    assert leaves["proj"].shape[1] % 8 == 0 and not grads[0][2][:, layout.logit_col + 5:].any(), "padding gets no gradient"
     if not hard:
-        assert torch.autograd.gradcheck(lambda *a: modulate(*a, 1.7, False), (*[x for x in inputs], weights)
-                                        if with_shared else (inputs[0], inputs[1], None, inputs[3], inputs[4], weights))
+        def run(residual, target, proj, spec_n, spec_b):
+            return modulation.modulate_layer(residual, target, proj, layout, spec_n, spec_b, noise, 0.6, 1.7, False)
+
+        assert torch.autograd.gradcheck(run, tuple(leaves.values()))
 
 
 def test_fused_modulation_with_the_target_as_its_own_residual(kernel):
     """site="attention" passes h_att as both residual and target: its gradient is the sum of both."""
-    from hycam_ds.modulation import modulate
+    from hycam_ds import modulation
 
-    g = torch.Generator().manual_seed(4)
-    h, u, mid, spec_b = (torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_() for s in [(9, 6), (9, 6), (9, 4, 2), (4, 2, 6)])
-    weights = torch.softmax(torch.randn(9, 4, generator=g, dtype=torch.float64), -1).requires_grad_()
-    assert torch.autograd.gradcheck(lambda h, *rest: modulate(h, h, *rest, 0.9, False), (h, u, mid, spec_b, weights))
-    torch.testing.assert_close(modulate(h, h, u, mid, spec_b, weights, 0.9, False),
-                               _autograd_reference(h, h, u, mid, spec_b, weights, 0.9, False))
+    layout, leaves, noise = _layer_leaves(9, 4, 2, 6, True, seed=4)
+
+    def run(h, proj, spec_n, spec_b):
+        return modulation.modulate_layer(h, h, proj, layout, spec_n, spec_b, noise, 0.5, 0.9, False)
+
+    inputs = (leaves["target"], leaves["proj"], leaves["spec_n"], leaves["spec_b"])
+    assert torch.autograd.gradcheck(run, inputs)
+    h = leaves["target"]
+    for a, b in zip(run(*inputs), _layer_reference(h, h, leaves["proj"], layout, leaves["spec_n"], leaves["spec_b"], noise, 0.5, 0.9, False)):
+        torch.testing.assert_close(a.double(), b)
 
 
 def test_training_changes_only_hycam_and_router_learns():
