@@ -1,6 +1,10 @@
-// Fused CPU kernel of the HyCAM modulation, forward and backward:
+// Fused CPU kernel of one layer's HyCAM after its joint projection proj = x [W_shared; A_k; router],
+// forward and backward (layer_forward / layer_backward at the bottom):
 //
+//   mid_k = (A_k x) N_k,   w = softmax((logits + gumbel) / tau),   probs = softmax(logits),
 //   out = residual + target * A,   A = SiLU(u) + sum_k w_k SiLU(z_k),   z_k = mid_k (scale B_k)
+//
+// Backward writes the gradient of every proj column (u, A_k x, logits, zero padding) in place.
 //
 // Why: with torch ops from Python, every chunk of token rows walks the transient [N_s, rows, d]
 // expert tensor about ten times in backward (SiLU, products, a reduction, SiLU', ...), each pass
@@ -12,8 +16,8 @@
 // into SiLU(z_k), w_k's gradient and z_k's gradient (written in place, then turned into the
 // gradients of mid and B). Nothing of size [N_s, T, d] ever exists.
 //
-// Shapes: residual, target, u, out [T, d] (rows may be strided, elements contiguous); mid [T, N, r];
-// b [N, r, d]; weights [T, N]. u may be empty (no shared module). float is the fast path; double
+// Shapes: residual, target, u, out [T, d] (rows may be strided, elements contiguous; u is a column
+// block of proj); mid [T, N, r]; b [N, r, d]; weights [T, N]. u may be absent (no shared module). float is the fast path; double
 // exists so that gradcheck tests this very code.
 
 #include <torch/extension.h>
