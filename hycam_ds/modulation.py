@@ -213,7 +213,6 @@ class _FusedLayerFn(torch.autograd.Function):
             stats["specialized_magnitude"] = spec_sum.float() / count
         ctx.layout, ctx.tau, ctx.scale = layout, tau, scale
         ctx.save_for_backward(target, proj, spec_n, spec_b, mid, mix, weights, probs)
-        ctx.mark_non_differentiable(mid, mix)
         return out, weights, probs
 
     @staticmethod

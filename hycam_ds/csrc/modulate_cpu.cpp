@@ -35,18 +35,25 @@ namespace {
 // -ffast-math; this needs only -fno-math-errno -fno-trapping-math, see fused_cpu.py).
 // Cody-Waite reduction to [-ln2/2, ln2/2] and a degree-6 polynomial: relative error ~2 ulp on the
 // clamped range, which is all SiLU needs (sigmoid of anything below -87 is 0 to float precision).
-inline float fast_exp(float x) {
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  const float n = std::nearbyint(x * 1.44269504088896341f);
-  float r = x - n * 0.693145751953125f;
+// e^(x - n ln2) for x - n ln2 in [-ln2/2, ln2/2]: the part shared by fast_exp and its 8-lane
+// fast_exp8 (V = float or f32x8), which differ only in how they round n and build 2^n.
+template <typename V>
+inline V exp_of_remainder(V x, V n) {
+  V r = x - n * 0.693145751953125f;
   r = r - n * 1.428606765330187045e-06f;
-  float p = 1.0f / 720.0f;
+  V p = V{} + 1.0f / 720.0f;
   p = p * r + 1.0f / 120.0f;
   p = p * r + 1.0f / 24.0f;
   p = p * r + 1.0f / 6.0f;
   p = p * r + 0.5f;
   p = p * r + 1.0f;
-  p = p * r + 1.0f;
+  return p * r + 1.0f;
+}
+
+inline float fast_exp(float x) {
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  const float p = exp_of_remainder(x, n);
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float two_n;
   std::memcpy(&two_n, &bits, sizeof(two_n));
@@ -311,22 +318,14 @@ inline f32x8 load8(const float* p) { return *reinterpret_cast<const f32x8*>(p); 
 inline void store8(float* p, f32x8 v) { *reinterpret_cast<f32x8*>(p) = v; }
 inline f32x8 splat8(float x) { return f32x8{} + x; }
 
-// fast_exp on 8 lanes, the same reduction and polynomial; rounding to the nearest integer by the
+// fast_exp on 8 lanes (the same exp_of_remainder); rounding to the nearest integer by the
 // 1.5 * 2^23 shifter (exact for |x log2 e| < 2^22, which the clamp guarantees).
 inline f32x8 fast_exp8(f32x8 x) {
   x = x < -87.0f ? splat8(-87.0f) : x;
   x = x > 88.0f ? splat8(88.0f) : x;
   const f32x8 shifter = splat8(12582912.0f);
   const f32x8 n = (x * 1.44269504088896341f + shifter) - shifter;
-  f32x8 r = x - n * 0.693145751953125f;
-  r = r - n * 1.428606765330187045e-06f;
-  f32x8 p = splat8(1.0f / 720.0f);
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
+  const f32x8 p = exp_of_remainder(x, n);
   const i32x8 bits = (__builtin_convertvector(n, i32x8) + 127) << 23;
   return p * reinterpret_cast<const f32x8&>(bits);
 }
