@@ -18,11 +18,12 @@ SPECIALS = {"pad_token": "<pad>", "unk_token": "<unk>", "bos_token": "<s>", "eos
 SPM_SEED = 1234
 
 
-def load_tokenizer(path: str | Path):
-    """A `transformers` tokenizer from a directory (a backbone's or one trained here)."""
-    from transformers import AutoTokenizer
+def load_tokenizer(ref: str | Path):
+    """A `transformers` tokenizer from a directory (a backbone's or one trained here), a .gguf
+    file or a hub id (`data_pipeline.pretrained`)."""
+    from .pretrained import load_pretrained_tokenizer
 
-    return AutoTokenizer.from_pretrained(str(path))
+    return load_pretrained_tokenizer(ref)
 
 
 def tokenizer_fingerprint(tok) -> str:

@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from transformers import AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
 
 from .adapter_io import MANIFEST_FILE, load_adapter
 from .backbones import build_backbone
+from .methods import load_pretrained_model
 
 
 @dataclass
@@ -63,7 +63,7 @@ def load_model(spec: ModelSpec, dtype: torch.dtype = torch.float32, ds_config: O
     source = spec.full_model or spec.backbone_path
     if source is not None:
         hf_ds = HfDeepSpeedConfig(ds_config) if stage3 else None  # from_pretrained builds it partitioned
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn)
+        model = load_pretrained_model(source, dtype, attn)
     else:  # built whole, exactly as the trainer built it (hycam_ds.methods.BackboneLoader)
         model = build_backbone(spec.backbone_name, spec.vocab_size, seed=spec.backbone_seed, dtype=dtype, attn_implementation=attn)
     kind = spec.kind()

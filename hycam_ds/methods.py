@@ -20,6 +20,22 @@ from .injection import apply_hycam, hycam_parameters
 from .train_config import TrainConfig
 
 
+def load_pretrained_model(ref: str, dtype: torch.dtype, attn_implementation: str) -> PreTrainedModel:
+    """`from_pretrained` of a local directory, a .gguf file (dequantised to `dtype`) or a hub id."""
+    from data_pipeline.pretrained import parse_pretrained
+
+    source = parse_pretrained(ref)
+    model = AutoModelForCausalLM.from_pretrained(source.name_or_path, dtype=dtype, attn_implementation=attn_implementation,
+                                                 **source.kwargs())
+    if source.gguf_file is not None:
+        # transformers marks a model loaded from GGUF as quantised, although its weights are now
+        # plain `dtype` tensors: unmarked, it trains, exports and saves like any other.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return model
+
+
 class BackboneLoader:
     """Loads the backbone. A Hugging Face one is built inside `deepspeed.zero.Init` under ZeRO-3
     (transformers does so while an HfDeepSpeedConfig is alive, kept here as long as the model),
@@ -37,7 +53,7 @@ class BackboneLoader:
         if model_cfg.path is not None:
             if self.stage3:
                 self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
-            return AutoModelForCausalLM.from_pretrained(model_cfg.path, dtype=dtype, attn_implementation=model_cfg.attn_implementation)
+            return load_pretrained_model(model_cfg.path, dtype, model_cfg.attn_implementation)
         if vocab_size is None:
             raise ValueError("a backbone built in code needs the tokenizer's vocabulary size")
         return build_backbone(model_cfg.name, vocab_size, seed=model_cfg.seed, dtype=dtype, attn_implementation=model_cfg.attn_implementation)

@@ -1,109 +1,283 @@
-"""The paper's comparison at small scale: full, lora, cam, hycam and hycam without the balance loss,
-on the same backbone, data and token budget; each trained with launch/train.py and evaluated with
-launch/evaluate.py (held-out perplexity, BLEU-4, ROUGE-L per task, general-text perplexity).
+"""The paper's comparison: the untouched backbone, full fine-tuning, LoRA, the shared CAM alone, HyCAM
+and HyCAM without the balance loss, on the same backbone, data, token budget and schedule shape;
+each trained with launch/train.py and evaluated with launch/evaluate.py on the test split.
 
-    python launch/compare.py --backbone runs/backbones/small-en --data-root ../shared/data --out runs/compare
+    python launch/compare.py --backbone runs/backbones/smollm2-135m-instruct --data-root ../shared/data \
+        --template chat --out runs/compare-smollm2 --steps 100 --sweep-steps 30
     python launch/compare.py --backbone-name tiny-llama --recipe data_pipeline/recipes/embedded.yaml --steps 4 --out /tmp/c   # smoke test
 
-Writes OUT/comparison.md and .json (the table), OUT/loss_curves.png (all methods), and each
-method's run directory and evaluation report under OUT/<method>/.
+Learning rates. With `--sweep-steps S`, every trained method runs each of its candidate learning
+rates (`--lrs` or the defaults below) with the whole run's schedule but stops at step S and is
+scored by its loss on the eval split (never the test split); the best run is then continued from
+its step-S checkpoint to `--steps`, so the sweep's compute is part of the winner's run. An
+ablation (HyCAM without the balance loss) takes the learning rate chosen for the method it
+ablates, so that the two differ only in what is ablated. Without a sweep each method trains at
+its first candidate.
+
+Resumable: every stage writes its result beside its run directory (sweep scores, timing.json,
+the evaluation report) and is skipped when run again; training runs save checkpoints every
+`--save-every` steps and resume from them (checkpoint.resume=auto).
+
+Writes OUT/comparison.md and .json (table and sweep), OUT/loss_curves.png, and per method its run
+directory, evaluation report and logs under OUT/<method>/; the shared data build is OUT/data.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script from any directory
 
-# name -> (train.py overrides). Learning rates: full fine-tuning moves every weight and needs a
-# smaller one; the adapters share one.
-METHODS: dict[str, list[str]] = {
-    "full": ["method=full", "optim.lr=2e-4"],
-    "lora": ["method=lora", "optim.lr=1e-3"],
-    "cam": ["method=cam", "optim.lr=1e-3"],
-    "hycam": ["method=hycam", "optim.lr=1e-3"],
-    "hycam (no balance loss)": ["method=hycam", "optim.lr=1e-3", "hycam.balance_weight=0.0"],
-}
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    name: str
+    overrides: tuple[str, ...] = ()
+    """train.py overrides that make this method; empty with `trains=False`."""
+    lrs: tuple[float, ...] = ()
+    """Learning-rate candidates of the sweep; the first is used without a sweep."""
+    lr_from: str | None = None
+    """An ablation: train at the learning rate chosen for this method."""
+    trains: bool = True
+
+    @property
+    def slug(self) -> str:
+        return self.name.replace(" ", "_").replace("(", "").replace(")", "")
+
+
+# Full fine-tuning moves every weight and wants a far smaller learning rate than the adapters.
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("backbone", trains=False),
+    Method("full", ("method=full",), (3e-5, 1e-5, 1e-4)),
+    Method("lora", ("method=lora",), (1e-3, 3e-4, 3e-3)),
+    Method("cam", ("method=cam",), (1e-3, 3e-4, 3e-3)),
+    Method("hycam", ("method=hycam",), (1e-3, 3e-4, 3e-3)),
+    Method("hycam (no balance loss)", ("method=hycam", "hycam.balance_weight=0.0"), lr_from="hycam"),
+)}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", help="a Hugging Face backbone directory (e.g. from launch/pretrain.py)")
+    parser.add_argument("--backbone", help="a backbone: Hugging Face directory, .gguf file or hub id org/name[@revision]")
     parser.add_argument("--backbone-name", help="or a backbone built in code (for smoke tests)")
     parser.add_argument("--recipe", default="data_pipeline/recipes/hycam5.yaml")
     parser.add_argument("--data-root", help="directory the recipe's paths are relative to (../shared/data)")
+    parser.add_argument("--template", choices=("alpaca", "chat"), default="alpaca",
+                        help="prompt format of the data (chat: the backbone's own chat template)")
     parser.add_argument("--general-text", help="text for knowledge retention (default: DATA_ROOT/general if it exists)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS))
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=200, help="optimizer steps of every trained method")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--micro-batch", type=int, default=4)
-    parser.add_argument("--max-examples", type=int, default=24, help="generations per task")
+    parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--warmup-steps", type=int, default=None, help="default: steps / 20")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--sweep-steps", type=int, default=0, help="steps of each learning-rate candidate (0: no sweep)")
+    parser.add_argument("--sweep-eval-batches", type=int, default=None, help="eval-split batches that score a candidate (default: all)")
+    parser.add_argument("--lrs", default="", help="candidates per method, e.g. 'hycam=1e-3,3e-4;full=1e-5' (first = no-sweep default)")
+    parser.add_argument("--save-every", type=int, default=25, help="checkpoint interval of every training run (resume points)")
+    parser.add_argument("--max-examples", type=int, default=24, help="greedy generations per task")
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--eval-batch-size", type=int, default=8)
     parser.add_argument("--general-tokens", type=int, default=30_000)
     return parser.parse_args(argv)
 
 
+@dataclasses.dataclass
+class Plan:
+    """Everything the stages share: arguments resolved once."""
+
+    args: argparse.Namespace
+    out: Path
+    data_dir: Path
+    general: str | None
+    lrs: dict[str, tuple[float, ...]]
+
+
 def run(cmd: list[str], log_path: Path) -> float:
-    """Run a step of the comparison, its output into a log file; returns wall seconds."""
+    """Run a stage of the comparison, its output into a log file; returns wall seconds."""
     started = time.perf_counter()
-    with open(log_path, "w") as log:
-        result = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    with open(log_path, "a") as log:
+        log.write(f"\n$ {' '.join(cmd)}\n")
+        log.flush()
+        result = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
     if result.returncode != 0:
         sys.exit(f"compare.py: {' '.join(cmd[:3])} ... failed (exit {result.returncode}); see {log_path}")
     return time.perf_counter() - started
 
 
-def train_and_evaluate(name: str, overrides: list[str], args, out: Path, general: str | None) -> dict:
-    slug = name.replace(" ", "_").replace("(", "").replace(")", "")
-    run_dir, eval_dir = out / slug / "run", out / slug / "eval"
-    model = [f"model.path={Path(args.backbone).resolve()}"] if args.backbone else [f"model.name={args.backbone_name}"]
-    data = [f"data.recipe={args.recipe}", f"data.cache_dir={out / 'data'}", f"data.seq_len={args.seq_len}"]
+def build_data(args: argparse.Namespace, out: Path) -> Path:
+    """One data build for every method (and the untouched backbone's evaluation)."""
+    data_dir = out / "data"
+    if (data_dir / "manifest.json").is_file():
+        return data_dir
+    cmd = [sys.executable, "-m", "data_pipeline", "build", "--recipe", args.recipe, "--out", str(data_dir),
+           "--seq-len", str(args.seq_len), "--no-progress", "--workers", "2"]
+    cmd += ["--tokenizer", backbone_ref(args)] if args.backbone else ["--train-tokenizer"]
     if args.data_root:
-        data.append(f"data.data_root={args.data_root}")
-    train = [sys.executable, "launch/train.py", f"run_dir={run_dir}", *model, *data, *overrides, f"optim.max_steps={args.steps}",
-             f"optim.warmup_steps={max(1, args.steps // 20)}", f"optim.micro_batch_size={args.micro_batch}", "logging.eval_every=0",
-             f"checkpoint.save_every=0", "logging.progress=false"]
-    timing = out / slug / "timing.json"
-    report_path = eval_dir / "report.json"
-    if timing.is_file() and report_path.is_file():  # finished in an earlier, interrupted comparison
-        print(f"  reusing {out / slug}", flush=True)
-        return _row(name, run_dir, eval_dir, json.loads(timing.read_text())["train_seconds"])
-    wall = run(train, out / f"{slug}.train.log")
-    evaluate = [sys.executable, "launch/evaluate.py", "--run-dir", str(run_dir), "--out", str(eval_dir), "--max-examples", str(args.max_examples),
-                "--max-new-tokens", str(args.max_new_tokens), "--no-progress"]
-    if general:
-        evaluate += ["--general-text", general, "--general-tokens", str(args.general_tokens)]
-    run(evaluate, out / f"{slug}.eval.log")
-    timing.write_text(json.dumps({"train_seconds": wall}))
-    return _row(name, run_dir, eval_dir, wall)
+        cmd += ["--data-root", args.data_root]
+    if args.template != "alpaca":
+        cmd += ["--template", args.template]
+    print(f"compare.py: building the data into {data_dir} ...", flush=True)
+    run(cmd, out / "data.build.log")
+    return data_dir
 
 
-def _row(name: str, run_dir: Path, eval_dir: Path, wall: float) -> dict:
+def backbone_ref(args: argparse.Namespace) -> str:
+    from data_pipeline.pretrained import parse_pretrained
+
+    return str(parse_pretrained(args.backbone))  # a local path made absolute, a hub id as written
+
+
+def train_command(plan: Plan, method: Method, run_dir: Path, lr: float, stop_at: int | None) -> list[str]:
+    args = plan.args
+    model = [f"model.path={backbone_ref(args)}"] if args.backbone else [f"model.name={args.backbone_name}"]
+    warmup = args.warmup_steps if args.warmup_steps is not None else max(1, args.steps // 20)
+    cmd = [sys.executable, "launch/train.py", f"run_dir={run_dir}", *model, f"data.dir={plan.data_dir}", *method.overrides,
+           f"optim.lr={lr}", f"optim.max_steps={args.steps}", f"optim.warmup_steps={warmup}",
+           f"optim.micro_batch_size={args.micro_batch}", f"optim.grad_accum={args.grad_accum}",
+           f"model.gradient_checkpointing={str(args.gradient_checkpointing).lower()}", "logging.progress=false",
+           f"checkpoint.save_every={args.save_every}", "checkpoint.resume=auto"]
+    if stop_at is not None:  # a sweep candidate: the whole schedule, scored on the eval split at stop_at
+        cmd += [f"optim.stop_at_step={stop_at}", f"logging.eval_every={stop_at}"]
+    else:
+        cmd += ["logging.eval_every=0"]
+    if args.sweep_eval_batches:
+        cmd += [f"logging.eval_batches={args.sweep_eval_batches}"]
+    return cmd
+
+
+def metrics_rows(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def eval_loss_at(run_dir: Path, step: int) -> float | None:
+    """The eval-split loss the run logged at `step` (the last one, if a resumed run logged twice)."""
+    rows = [r for r in metrics_rows(run_dir) if r["kind"] == "eval" and r["step"] == step]
+    return rows[-1]["eval/loss"] if rows else None
+
+
+def sweep(plan: Plan, method: Method) -> dict:
+    """Every candidate to the sweep step; returns {"lr": best, "candidates": [...]} (saved, reused)."""
+    record_path = plan.out / method.slug / "sweep.json"
+    if record_path.is_file():
+        return json.loads(record_path.read_text())
+    steps = plan.args.sweep_steps
+    candidates = []
+    for lr in plan.lrs[method.name]:
+        run_dir = plan.out / method.slug / "sweep" / f"lr_{lr:g}"
+        if eval_loss_at(run_dir, steps) is None:
+            print(f"  {method.name}: lr {lr:g}, {steps} steps ...", flush=True)
+            wall = run(train_command(plan, method, run_dir, lr, stop_at=steps), plan.out / f"{method.slug}.sweep.log")
+            (run_dir / "timing.json").write_text(json.dumps({"train_seconds": wall}))
+        loss = eval_loss_at(run_dir, steps)
+        loss = loss if loss is not None and math.isfinite(loss) else float("inf")
+        candidates.append({"lr": lr, "eval_loss": loss, "run_dir": str(run_dir),
+                           "train_seconds": json.loads((run_dir / "timing.json").read_text())["train_seconds"]})
+        print(f"    eval loss {loss:.4f}", flush=True)
+    best = min(candidates, key=lambda c: c["eval_loss"])
+    record = {"lr": best["lr"], "steps": steps, "candidates": candidates}
+    record_path.write_text(json.dumps(record, indent=1))
+    return record
+
+
+def train(plan: Plan, method: Method, chosen: dict) -> tuple[Path, float, dict | None]:
+    """Train the method to the end; returns (run directory, training seconds, sweep record)."""
+    slug_dir = plan.out / method.slug
+    run_dir, timing = slug_dir / "run", slug_dir / "timing.json"
+    record = None
+    if method.lr_from:
+        lr = chosen[method.lr_from]
+    elif plan.args.sweep_steps:
+        record = sweep(plan, method)
+        lr = record["lr"]
+    else:
+        lr = plan.lrs[method.name][0]
+    chosen[method.name] = lr
+    if timing.is_file():
+        return run_dir, json.loads(timing.read_text())["train_seconds"], record
+    earlier = 0.0
+    if record is not None and not run_dir.exists():  # continue the winning candidate from its checkpoint
+        winner = next(c for c in record["candidates"] if c["lr"] == lr)
+        shutil.copytree(winner["run_dir"], run_dir)
+    if record is not None:
+        earlier = next(c for c in record["candidates"] if c["lr"] == lr)["train_seconds"]
+    print(f"  {method.name}: training at lr {lr:g} to step {plan.args.steps} ...", flush=True)
+    wall = run(train_command(plan, method, run_dir, lr, stop_at=None), plan.out / f"{method.slug}.train.log")
+    timing.write_text(json.dumps({"train_seconds": earlier + wall, "lr": lr}))
+    return run_dir, earlier + wall, record
+
+
+def evaluate(plan: Plan, method: Method, run_dir: Path | None) -> Path:
+    eval_dir = plan.out / method.slug / "eval"
+    if (eval_dir / "report.json").is_file():
+        return eval_dir
+    args = plan.args
+    cmd = [sys.executable, "launch/evaluate.py", "--out", str(eval_dir), "--max-examples", str(args.max_examples),
+           "--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.eval_batch_size), "--no-progress"]
+    if run_dir is not None:
+        cmd += ["--run-dir", str(run_dir)]
+    else:  # the untouched backbone
+        cmd += ["--data", str(plan.data_dir)]
+        cmd += ["--backbone", backbone_ref(args)] if args.backbone else ["--backbone-name", args.backbone_name]
+    if plan.general:
+        cmd += ["--general-text", plan.general, "--general-tokens", str(args.general_tokens)]
+    print(f"  {method.name}: evaluating ...", flush=True)
+    run(cmd, plan.out / f"{method.slug}.eval.log")
+    return eval_dir
+
+
+def row(method: Method, run_dir: Path | None, eval_dir: Path, wall: float, lr: float | None, record: dict | None) -> dict:
     report = json.loads((eval_dir / "report.json").read_text())
-    info = json.loads((run_dir / "run_info.json").read_text())
-    curve = [(r["step"], r["train/lm_loss"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
-    return {"method": name, "tasks": report["tasks"], "average": report["average"], "general_text": report.get("general_text"),
-            "trainable": info["trainable_parameters"], "total": info["total_parameters"], "train_seconds": wall, "loss_curve": curve}
+    if run_dir is None:
+        trainable, total, curve = 0, None, []
+    else:
+        info = json.loads((run_dir / "run_info.json").read_text())
+        trainable, total = info["trainable_parameters"], info["total_parameters"]
+        curve = [(r["step"], r["train/lm_loss"]) for r in metrics_rows(run_dir) if r["kind"] == "train"]
+    return {"method": method.name, "tasks": report["tasks"], "average": report["average"], "general_text": report.get("general_text"),
+            "trainable": trainable, "total": total, "train_seconds": wall, "lr": lr, "sweep": record, "loss_curve": curve}
 
 
 def table(rows: list[dict]) -> str:
     tasks = list(rows[0]["tasks"])
-    head = "| method | " + " | ".join(f"{t} ppl / BLEU-4 / ROUGE-L" for t in tasks) + " | avg ppl | avg BLEU-4 | avg ROUGE-L | trainable | train time | general ppl (backbone -> after) |"
-    lines = [head, "|" + "---|" * (len(tasks) + 7)]
-    for row in rows:
-        cells = [f"{row['tasks'][t]['ppl']:.2f} / {row['tasks'][t].get('bleu4', float('nan')):.2f} / {row['tasks'][t].get('rougeL', float('nan')):.2f}" for t in tasks]
-        avg = row["average"]
-        general = row["general_text"]
+    head = ("| method | lr | " + " | ".join(f"{t} ppl / BLEU-4 / ROUGE-L" for t in tasks)
+            + " | avg ppl | avg BLEU-4 | avg ROUGE-L | trainable | train time | general ppl (backbone -> after) |")
+    lines = [head, "|" + "---|" * (len(tasks) + 8)]
+    for r in rows:
+        cells = [f"{r['tasks'][t]['ppl']:.2f} / {r['tasks'][t].get('bleu4', float('nan')):.2f} / "
+                 f"{r['tasks'][t].get('rougeL', float('nan')):.2f}" for t in tasks]
+        avg, general = r["average"], r["general_text"]
         retention = f"{general['backbone_ppl']:.2f} -> {general['ppl']:.2f}" if general else "-"
-        lines.append(f"| {row['method']} | " + " | ".join(cells) + f" | {avg['ppl']:.2f} | {avg['bleu4']:.2f} | {avg['rougeL']:.2f} | "
-                     f"{row['trainable']:,} ({100 * row['trainable'] / row['total']:.2f}%) | {row['train_seconds']:.0f} s | {retention} |")
+        trainable = f"{r['trainable']:,} ({100 * r['trainable'] / r['total']:.2f}%)" if r["total"] else "0"
+        lr = f"{r['lr']:g}" if r["lr"] is not None else "-"
+        wall = f"{r['train_seconds']:.0f} s" if r["total"] else "-"
+        lines.append(f"| {r['method']} | {lr} | " + " | ".join(cells) + f" | {avg['ppl']:.2f} | {avg['bleu4']:.2f} | "
+                     f"{avg['rougeL']:.2f} | {trainable} | {wall} | {retention} |")
+    return "\n".join(lines) + "\n"
+
+
+def sweep_table(rows: list[dict]) -> str:
+    swept = [r for r in rows if r["sweep"]]
+    if not swept:
+        return ""
+    lines = ["| method | learning rate | eval-split loss at the sweep step | chosen |", "|---|---|---|---|"]
+    for r in swept:
+        for c in r["sweep"]["candidates"]:
+            lines.append(f"| {r['method']} | {c['lr']:g} | {c['eval_loss']:.4f} | {'yes' if c['lr'] == r['lr'] else ''} |")
     return "\n".join(lines) + "\n"
 
 
@@ -114,9 +288,10 @@ def loss_plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for row in rows:
-        steps, losses = zip(*row["loss_curve"])
-        ax.plot(steps, losses, label=row["method"], linewidth=1.2)
+    for r in rows:
+        if r["loss_curve"]:
+            steps, losses = zip(*r["loss_curve"])
+            ax.plot(steps, losses, label=f"{r['method']} (lr {r['lr']:g})", linewidth=1.2)
     ax.set_xlabel("step")
     ax.set_ylabel("train LM loss (response tokens)")
     ax.set_title("training loss, same backbone, data and token budget")
@@ -126,26 +301,57 @@ def loss_plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+def parse_lrs(text: str) -> dict[str, tuple[float, ...]]:
+    lrs = {name: m.lrs for name, m in METHODS.items()}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        name, _, values = part.partition("=")
+        if name not in METHODS or not METHODS[name].lrs:
+            sys.exit(f"compare.py: --lrs: {name!r} is not a method with its own learning rate ({[n for n, m in METHODS.items() if m.lrs]})")
+        try:
+            lrs[name] = tuple(float(v) for v in values.split(","))
+        except ValueError:
+            sys.exit(f"compare.py: --lrs: {part!r} is not name=lr[,lr...]")
+    return lrs
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
     if not (args.backbone or args.backbone_name):
         sys.exit("compare.py: give --backbone or --backbone-name")
-    unknown = [m for m in args.methods.split(",") if m not in METHODS]
+    names = args.methods.split(",")
+    unknown = [m for m in names if m not in METHODS]
     if unknown:
         sys.exit(f"compare.py: unknown method(s) {unknown}; choose from {list(METHODS)}")
+    for name in names:
+        source = METHODS[name].lr_from
+        if source and source not in names:
+            sys.exit(f"compare.py: {name!r} takes the learning rate chosen for {source!r}: include it in --methods")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    general = args.general_text or (str(Path(args.data_root) / "general") if args.data_root and (Path(args.data_root) / "general").is_dir() else None)
-    rows = []
+    general = args.general_text
+    if general is None and args.data_root and (Path(args.data_root) / "general").is_dir():
+        general = str(Path(args.data_root) / "general")
+    return Plan(args, out, build_data(args, out), general, parse_lrs(args.lrs))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    plan = make_plan(args)
+    rows, chosen = [], {}
     for name in args.methods.split(","):
+        method = METHODS[name]
         print(f"compare.py: {name} ...", flush=True)
-        rows.append(train_and_evaluate(name, METHODS[name], args, out, general))
-        print(f"  average ppl {rows[-1]['average']['ppl']:.2f}, BLEU-4 {rows[-1]['average']['bleu4']:.2f}, "
-              f"ROUGE-L {rows[-1]['average']['rougeL']:.2f}, {rows[-1]['train_seconds']:.0f} s", flush=True)
-    (out / "comparison.json").write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=2))
-    (out / "comparison.md").write_text(table(rows))
-    loss_plot(rows, out / "loss_curves.png")
+        run_dir, wall, lr, record = None, 0.0, None, None
+        if method.trains:
+            run_dir, wall, record = train(plan, method, chosen)
+            lr = chosen[name]
+        rows.append(row(method, run_dir, evaluate(plan, method, run_dir), wall, lr, record))
+        avg = rows[-1]["average"]
+        print(f"  average ppl {avg['ppl']:.2f}, BLEU-4 {avg['bleu4']:.2f}, ROUGE-L {avg['rougeL']:.2f}, {wall:.0f} s", flush=True)
+    (plan.out / "comparison.json").write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=2))
+    (plan.out / "comparison.md").write_text(table(rows) + "\n" + sweep_table(rows))
+    loss_plot(rows, plan.out / "loss_curves.png")
     print(table(rows))
+    print(sweep_table(rows))
     return 0
 
 

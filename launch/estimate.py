@@ -3,7 +3,8 @@
     python launch/estimate.py --config launch/model_configs/llama-3.1-8b/config.json \
         --num-nodes 1 --gpus-per-node 8 [--num-specialized 5] [--rank 8] [--no-shared] [--json]
 
-Only the backbone's config.json is read (a file, or a directory holding one): the model is built
+Only the backbone's config is read (a config.json file, a directory holding one, a .gguf file's
+metadata, or a hub id's config from the local Hugging Face cache): the model is built
 on the meta device, so a 70B backbone costs no memory here. HyCAM is applied with the project's
 own `apply_hycam`, so the trainable count is the one the trainer will see.
 
@@ -24,7 +25,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-# The estimate never touches the hub: a bad path must be an error, not a download attempt.
+# The estimate reads a hub id from the local cache only (HF_HUB_OFFLINE=0 lets it download the
+# config): a mistyped path must be an error, not a download attempt.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
@@ -32,6 +34,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig  # n
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
 import hycam_ds as H  # noqa: E402
+from data_pipeline.pretrained import PretrainedRef, PretrainedRefError, parse_pretrained  # noqa: E402
 from hycam_ds.layer import HyCAMModulation  # noqa: E402
 
 BYTES_PER_FROZEN_PARAM = 2  # bf16 backbone weights
@@ -57,17 +60,29 @@ class EstimateError(Exception):
     """A problem with the inputs, reported as one line naming the file."""
 
 
-def resolve_config_path(path: str) -> Path:
+def resolve_config_path(path: str) -> Path | PretrainedRef:
+    """A config.json file, or a backbone as training names it (directory, .gguf file, hub id)."""
     candidate = Path(path)
-    if candidate.is_dir():
-        candidate = candidate / "config.json"
-    if not candidate.is_file():
-        raise EstimateError(f"{candidate}: no such config.json (pass a config.json file or a directory holding one)")
-    return candidate
+    if candidate.is_file() and candidate.suffix != ".gguf":
+        return candidate
+    if candidate.is_dir() and (candidate / "config.json").is_file():
+        return candidate / "config.json"
+    try:
+        ref = parse_pretrained(path)
+    except PretrainedRefError as error:
+        raise EstimateError(f"{error} (pass a config.json file, a directory holding one, a .gguf file or a hub id)") from None
+    if ref.gguf_file is None and candidate.is_dir():
+        raise EstimateError(f"{candidate}: no config.json in this directory")
+    return ref
 
 
-def load_backbone_config(path: Path) -> PretrainedConfig:
-    """Validate the JSON ourselves first: transformers' errors for a broken file do not name it."""
+def load_backbone_config(path: Path | PretrainedRef) -> PretrainedConfig:
+    """Validate a JSON file ourselves first: transformers' errors for a broken file do not name it."""
+    if isinstance(path, PretrainedRef):  # a .gguf file or a hub id (the local cache: HF_HUB_OFFLINE)
+        try:
+            return AutoConfig.from_pretrained(path.name_or_path, **path.kwargs())
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise EstimateError(f"{path}: transformers cannot read its config ({str(error).splitlines()[0]})") from None
     try:
         values = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -250,7 +265,7 @@ def format_report(report: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="a backbone's config.json, or a directory holding one")
+    parser.add_argument("--config", required=True, help="a backbone's config.json, a directory holding one, a .gguf file or a hub id org/name[@revision]")
     parser.add_argument("--num-nodes", type=int, default=1)
     parser.add_argument("--gpus-per-node", type=int, default=8)
     parser.add_argument("--num-specialized", type=int, default=H.HyCAMConfig.num_specialized)

@@ -1,4 +1,6 @@
-"""launch/compare.py runs end to end (two methods, two steps, a tiny backbone) and writes its table and plot."""
+"""launch/compare.py runs end to end on a tiny backbone: the untouched backbone's row, a learning-rate
+sweep scored on the eval split whose winner is continued to the end, an ablation that inherits the
+swept learning rate; it writes its table, sweep and plot, and a second invocation reuses every stage."""
 
 import json
 import subprocess
@@ -8,14 +10,38 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_compare_smoke(tmp_path):
+def compare(out: Path, *extra: str) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, "launch/compare.py", "--backbone-name", "tiny-llama", "--recipe", "data_pipeline/recipes/embedded.yaml",
-                             "--methods", "hycam,lora", "--steps", "2", "--seq-len", "128", "--max-examples", "1", "--max-new-tokens", "4",
-                             "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
+                             "--steps", "3", "--seq-len", "128", "--max-examples", "1", "--max-new-tokens", "4", "--out", str(out), *extra],
+                            cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_compare_smoke(tmp_path):
+    compare(tmp_path, "--methods", "hycam,lora")
     rows = json.loads((tmp_path / "comparison.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["hycam", "lora"]
     assert rows[0]["trainable"] > rows[1]["trainable"] > 0
-    assert len(rows[0]["loss_curve"]) == 2 and set(rows[0]["tasks"]) == set(rows[1]["tasks"])
+    assert [r["lr"] for r in rows] == [1e-3, 1e-3]  # no sweep: each method's first candidate
+    assert len(rows[0]["loss_curve"]) == 3 and set(rows[0]["tasks"]) == set(rows[1]["tasks"])
     assert (tmp_path / "loss_curves.png").stat().st_size > 0
-    assert "| hycam |" in (tmp_path / "comparison.md").read_text()
+    assert "| hycam | 0.001 |" in (tmp_path / "comparison.md").read_text()
+
+
+def test_compare_sweep_backbone_row_and_resume(tmp_path):
+    args = ("--methods", "backbone,hycam,hycam (no balance loss)", "--sweep-steps", "1", "--lrs", "hycam=1e-3,0.5", "--save-every", "1")
+    compare(tmp_path, *args)
+    result = json.loads((tmp_path / "comparison.json").read_text())
+    backbone, hycam, ablation = result["rows"]
+    assert backbone["method"] == "backbone" and backbone["trainable"] == 0 and backbone["loss_curve"] == []
+    candidates = hycam["sweep"]["candidates"]
+    assert [c["lr"] for c in candidates] == [1e-3, 0.5]
+    best = min(candidates, key=lambda c: c["eval_loss"])
+    assert hycam["lr"] == best["lr"] == ablation["lr"]
+    # the winner was continued from its sweep checkpoint: its curve holds the sweep's step and the rest
+    assert [s for s, _ in hycam["loss_curve"]] == [1, 2, 3]
+    assert [s for s, _ in ablation["loss_curve"]] == [1, 2, 3] and ablation["sweep"] is None
+    assert "eval-split loss" in (tmp_path / "comparison.md").read_text()
+    again = compare(tmp_path, *args)
+    assert "training at lr" not in again.stdout and "evaluating" not in again.stdout
