@@ -9,6 +9,7 @@ from .build import build_dataset
 from .config import BuildConfig
 from .examples import BuildError
 from .shards import load_manifest, verify
+from .template import TEMPLATES
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -24,6 +25,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     b.add_argument("--vocab-size", type=int, default=None)
     b.add_argument("--seq-len", type=int, default=None)
     b.add_argument("--overlong", choices=("truncate", "drop"), default=None)
+    b.add_argument("--template", choices=TEMPLATES, default=None,
+                   help="prompt format: alpaca (the paper's) or chat (the tokenizer's chat template); default: the recipe's")
     b.add_argument("--workers", type=int, default=1)
     b.add_argument("--strict", action="store_true", help="stop at the first bad row")
     b.add_argument("--no-progress", action="store_true")
@@ -46,7 +49,8 @@ def main(argv=None) -> int:
         return 1 if problems else 0
     cfg = BuildConfig(recipe=args.recipe, out=args.out, data_root=args.data_root, tokenizer=args.tokenizer,
                       train_tokenizer=args.train_tokenizer, vocab_size=args.vocab_size, seq_len=args.seq_len,
-                      workers=args.workers, strict=args.strict, overlong=args.overlong, progress=not args.no_progress)
+                      workers=args.workers, strict=args.strict, overlong=args.overlong, template=args.template,
+                      progress=not args.no_progress)
     try:
         out = build_dataset(cfg)
     except BuildError as err:

@@ -23,7 +23,7 @@ from .examples import BadRow, BuildError, Example, RowReport
 from .packing import best_fit_decreasing
 from .shards import FORMAT, MANIFEST, VERSION, ShardWriter, manifest_digest, sha256_file, token_dtype
 from .sources import read_source
-from .template import format_prompt
+from .template import TEMPLATES, PromptFormat, format_prompt, prompt_format
 from .tokenizer import load_tokenizer, tokenizer_fingerprint, train_sentencepiece
 
 
@@ -52,6 +52,9 @@ def _resolve(recipe: Recipe, cfg: BuildConfig) -> Recipe:
         recipe.data_root = str(Path.cwd())
     recipe.seq_len = cfg.seq_len or recipe.seq_len
     recipe.overlong = cfg.overlong or recipe.overlong
+    recipe.template = cfg.template or recipe.template
+    if recipe.template not in TEMPLATES:
+        raise BuildError(f"--template must be one of {list(TEMPLATES)}, not {recipe.template!r}")
     if cfg.tokenizer and cfg.train_tokenizer:
         raise BuildError("give either --tokenizer or --train-tokenizer, not both")
     if cfg.tokenizer:
@@ -114,8 +117,13 @@ def _prepare_tokenizer(out: Path, recipe: Recipe, cfg: BuildConfig):
     """Put the tokenizer into OUT/tokenizer (trained here or copied from a backbone) and load it."""
     target = out / "tokenizer"
     if recipe.tokenizer.path:
-        load_tokenizer(recipe.tokenizer.path).save_pretrained(str(target))
+        source = load_tokenizer(recipe.tokenizer.path)
+        prompt_format(recipe.template, source, recipe.system_prompt)  # a chat template that cannot serve fails here
+        source.save_pretrained(str(target))
     else:
+        if recipe.template != "alpaca":  # fail before reading the corpus, not after training
+            raise BuildError("tokenizer trained here (--train-tokenizer) has no chat template; use template: alpaca "
+                             "(or give a backbone's tokenizer with --tokenizer)")
         report = RowReport(recipe.task_names, strict=cfg.strict)  # counts come from the main pass
         stopped: list[BuildError] = []
         try:
@@ -145,14 +153,16 @@ def _train_texts(recipe: Recipe, report: RowReport, stopped: list) -> Iterator[s
 
 def _build_into(out: Path, recipe: Recipe, cfg: BuildConfig) -> None:
     tok = _prepare_tokenizer(out, recipe, cfg)
-    tail = template_tail_tokens(tok, lambda text: tok(text, add_special_tokens=False)["input_ids"])
-    policy = DocPolicy(recipe.seq_len, tok.bos_token_id if recipe.tokenizer.add_bos else None, tok.eos_token_id,
-                       recipe.overlong, recipe.min_response_tokens, recipe.response_share, tail, recipe.train_on_prompt)
+    fmt = prompt_format(recipe.template, tok, recipe.system_prompt)
+    tail = template_tail_tokens(fmt, lambda text: tok(text, add_special_tokens=False)["input_ids"])
+    policy = DocPolicy(recipe.seq_len, fmt.document_bos(tok, recipe.tokenizer.add_bos), tok.eos_token_id,
+                       recipe.overlong, recipe.min_response_tokens, recipe.response_share, tail, recipe.train_on_prompt,
+                       fmt.append_eos)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     dtype = token_dtype(len(tok))
     report = RowReport(recipe.task_names, strict=cfg.strict)
     packer = _Packer(out, recipe, dtype, pad_id)
-    encoder = ChunkEncoder(str(out / "tokenizer"), cfg.workers)
+    encoder = ChunkEncoder(str(out / "tokenizer"), cfg.workers, recipe.template, recipe.system_prompt)
     try:
         pending: deque = deque()
         for ids, lengths in encoder.map(_chunks(iter_examples(recipe, report, cfg.progress), cfg.chunk_size, pending)):
@@ -163,23 +173,23 @@ def _build_into(out: Path, recipe: Recipe, cfg: BuildConfig) -> None:
     splits = packer.close()
     bad_rows = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in report.bad_rows)
     (out / "bad_rows.jsonl").write_text(bad_rows)
-    manifest = _manifest(out, recipe, tok, dtype, pad_id, report, splits, packer)
+    manifest = _manifest(out, recipe, tok, fmt, dtype, pad_id, report, splits, packer)
     manifest["manifest_sha256"] = manifest_digest(manifest)
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
 
 
-def _chunks(examples: Iterator[Example], size: int, pending: deque) -> Iterator[list[tuple[str, str]]]:
-    """Fixed-size chunks of (prompt, response) texts; the examples wait in `pending`, in order."""
+def _chunks(examples: Iterator[Example], size: int, pending: deque) -> Iterator[list[tuple[str, str, str]]]:
+    """Fixed-size chunks of (instruction, input, output) texts; the examples wait in `pending`, in order."""
     chunk: list[Example] = []
     for ex in examples:
         chunk.append(ex)
         if len(chunk) == size:
             pending.append(chunk)
-            yield [(format_prompt(e.instruction, e.input), e.output) for e in chunk]
+            yield [(e.instruction, e.input, e.output) for e in chunk]
             chunk = []
     if chunk:
         pending.append(chunk)
-        yield [(format_prompt(e.instruction, e.input), e.output) for e in chunk]
+        yield [(e.instruction, e.input, e.output) for e in chunk]
 
 
 def _add_chunk(chunk, ids, lengths, policy, recipe, report, packer) -> None:
@@ -242,7 +252,8 @@ class _Packer:
         return {s: [sh for g in self.groups for sh in self.writers[(s, g)].close()] for s in SPLITS}
 
 
-def _manifest(out: Path, recipe: Recipe, tok, dtype, pad_id, report: RowReport, splits: dict, packer) -> dict:
+def _manifest(out: Path, recipe: Recipe, tok, fmt: PromptFormat, dtype, pad_id, report: RowReport, splits: dict,
+              packer) -> dict:
     counts = report.summary()
     tasks = []
     for i, task in enumerate(recipe.tasks):
@@ -266,8 +277,10 @@ def _manifest(out: Path, recipe: Recipe, tok, dtype, pad_id, report: RowReport, 
     return {
         "format": FORMAT, "version": VERSION, "name": recipe.name,
         "seq_len": recipe.seq_len, "dtype": dtype.str, "pad_id": pad_id,
-        "bos_id": tok.bos_token_id if recipe.tokenizer.add_bos else None, "eos_id": tok.eos_token_id,
-        "vocab_size": len(tok), "packing": recipe.packing,
+        # the BOS documents start with, added by the build or written by the chat template
+        "bos_id": tok.bos_token_id if recipe.tokenizer.add_bos or fmt.renders_bos else None,
+        "eos_id": tok.eos_token_id,
+        "vocab_size": len(tok), "packing": recipe.packing, "template": fmt.describe(),
         "tokenizer": {"path": "tokenizer", "fingerprint": tokenizer_fingerprint(tok),
                       "trained_here": recipe.tokenizer.path is None, "source": recipe.tokenizer.path},
         "recipe": recipe.to_dict(), "recipe_sha256": recipe.sha256(),

@@ -1,7 +1,8 @@
 """Typed configuration: the recipe (YAML) and the build options (CLI / `build_dataset`).
 
 A recipe YAML mirrors `Recipe`; `BuildConfig` holds what changes per invocation and overrides
-the recipe where both have a say (tokenizer, vocabulary size, sequence length).
+the recipe where both have a say (tokenizer, vocabulary size, sequence length, over-long policy,
+prompt template).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any, Optional
 import yaml
 
 from .examples import BuildError
+from .template import TEMPLATES
 
 SPLITS = ("train", "eval", "test")
 
@@ -69,6 +71,14 @@ class Recipe:
     still leave room for the answer."""
     train_on_prompt: bool = False
     """Put loss on the prompt tokens too (the default trains on the response only)."""
+    template: str = "alpaca"
+    """Prompt format (`data_pipeline.template`): `alpaca` (the paper's template, EOS appended) or
+    `chat` (the tokenizer's own chat template: a user turn, the answer as the assistant turn,
+    which ends with the template's end-of-turn token instead of an appended EOS). `chat` needs a
+    tokenizer with a chat template (an instruction-tuned backbone's), not one trained here."""
+    system_prompt: Optional[str] = None
+    """With `chat`, the system turn; None gives no system message (some templates, e.g. ChatML
+    ones, then insert their own default system prompt: that is the tokenizer's choice)."""
     packing: str = "mixed"
     """`mixed`: all tasks of a split packed together (fills gaps, ~0.99 efficiency on the real
     tasks); `per_task`: every row holds one task (exact task sampling, more padding)."""
@@ -129,6 +139,10 @@ def _validate(recipe: Recipe, path: Path) -> None:
         raise BuildError(f"recipe {path}: overlong must be truncate or drop, not {recipe.overlong!r}")
     if recipe.packing not in ("mixed", "per_task"):
         raise BuildError(f"recipe {path}: packing must be mixed or per_task, not {recipe.packing!r}")
+    if recipe.template not in TEMPLATES:
+        raise BuildError(f"recipe {path}: template must be one of {list(TEMPLATES)}, not {recipe.template!r}")
+    if recipe.system_prompt is not None and not isinstance(recipe.system_prompt, str):
+        raise BuildError(f"recipe {path}: system_prompt must be text or null, not {recipe.system_prompt!r}")
     if not isinstance(recipe.max_row_bytes, int) or recipe.max_row_bytes <= 0:
         raise BuildError(f"recipe {path}: max_row_bytes must be a positive integer, not {recipe.max_row_bytes!r}")
     for task in recipe.tasks:
@@ -162,6 +176,8 @@ class BuildConfig:
     """Stop at the first bad row with its file and line instead of counting it."""
     overlong: Optional[str] = None
     """Over-long policy (truncate | drop); None keeps the recipe's."""
+    template: Optional[str] = None
+    """Prompt format (alpaca | chat); None keeps the recipe's."""
     progress: bool = True
     """Show progress bars (tqdm, on stderr)."""
     chunk_size: int = 2048

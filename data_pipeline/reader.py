@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from .sampler import EvalSampler, TrainSampler
-from .shards import INDEX_COLUMNS, INDEX_DTYPE, check_shards, load_manifest, shard_sizes
+from .shards import INDEX_COLUMNS, INDEX_DTYPE, check_shards, load_manifest, manifest_template, shard_sizes
 
 SAMPLINGS = ("mixture", "temperature", "sequential")
 # verify=None checksums the split's shards on open when they total less than this (sha256 runs
@@ -29,6 +29,9 @@ class ShardReader:
     position_ids (restarting at every document), segment_ids (0 = padding, 1..n = document
     in the row) and task_ids (-1 on padding).
 
+    `template` ("alpaca" | "chat"), when given, must be the prompt format the shards were built
+    with (ValueError otherwise), as `tokenizer_fingerprint` must be their tokenizer's.
+
     Damaged shards are refused on open (ValueError naming the file): their sizes and index are
     always checked; `verify=True` also compares every shard's sha256 with the manifest, and the
     default (None) does so when the split's shards total less than VERIFY_AUTO_BYTES.
@@ -37,13 +40,17 @@ class ShardReader:
     def __init__(self, out_dir: str | Path, split: str = "train", rank: int = 0, world_size: int = 1,
                  micro_batch_size: int = 4, seed: int = 1234, tokenizer_fingerprint: Optional[str] = None,
                  task_sampling: str = "mixture", temperature: float = 1.0, drop_last: bool = True,
-                 verify: Optional[bool] = None):
+                 verify: Optional[bool] = None, template: Optional[str] = None):
         self.out_dir = Path(out_dir)
         self.manifest = load_manifest(self.out_dir)
         ours = self.manifest["tokenizer"]["fingerprint"]
         if tokenizer_fingerprint is not None and tokenizer_fingerprint != ours:
             raise ValueError(f"tokenizer fingerprint mismatch: the model's tokenizer is {tokenizer_fingerprint} "
                              f"but the shards in {self.out_dir} were built with {ours}; rebuild them with it")
+        built = manifest_template(self.manifest)["name"]
+        if template is not None and template != built:
+            raise ValueError(f"prompt template mismatch: the run expects {template!r} prompts but the shards in "
+                             f"{self.out_dir} were built with {built!r}; rebuild them with --template {template}")
         if split not in self.manifest["splits"]:
             raise ValueError(f"no split {split!r} in {self.out_dir} (have {sorted(self.manifest['splits'])})")
         self._check_files(split, verify)
@@ -165,9 +172,10 @@ class ShardReader:
 def iter_documents(out_dir: str | Path, split: str = "test", rank: int = 0, world_size: int = 1) -> Iterator[dict]:
     """Every document of a split, unpacked, in storage order; rank r of W takes documents r, r+W, ...
 
-    Yields {"task_id", "tokens" (int64 numpy: [BOS] prompt response [EOS]), "loss_start"} — for
-    generation-based evaluation, the prompt is tokens[:loss_start] and the reference the rest
-    (builds with train_on_prompt=false, where loss_start is the prompt's end).
+    Yields {"task_id", "tokens" (int64 numpy: [BOS] prompt response [EOS]; a chat build's response
+    ends with its end-of-turn token instead of EOS), "loss_start"} — for generation-based
+    evaluation, the prompt is tokens[:loss_start] and the reference the rest (builds with
+    train_on_prompt=false, where loss_start is the prompt's end).
     """
     out_dir = Path(out_dir)
     manifest = load_manifest(out_dir)

@@ -120,6 +120,11 @@ def load_manifest(out_dir: str | Path) -> dict:
     return manifest
 
 
+def manifest_template(manifest: dict) -> dict:
+    """The manifest's prompt format entry; a manifest without one holds alpaca prompts."""
+    return manifest.get("template", {"name": "alpaca"})
+
+
 def shard_sizes(manifest: dict, shard: dict) -> dict:
     """Expected byte size of a shard's .bin and .idx files, from the manifest."""
     itemsize = np.dtype(manifest["dtype"]).itemsize

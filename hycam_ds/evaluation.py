@@ -98,17 +98,34 @@ def task_losses(forward, module, batches: list[dict], n_tasks: int, batch_size: 
 
 
 def generation_examples(data_dir: Path, split: str, tasks: list[str], limit: Optional[int]) -> list[dict]:
-    """The first `limit` documents of each task (deterministic, the same list on every rank)."""
-    from data_pipeline import iter_documents
+    """The first `limit` documents of each task (deterministic, the same list on every rank).
 
+    Each carries `end_of_turn_id`: the token a response of this build ends with when it is not EOS
+    (a chat template's end-of-turn, from the manifest), None for alpaca builds."""
+    from data_pipeline import iter_documents, load_manifest, manifest_template
+
+    end_of_turn = manifest_template(load_manifest(data_dir)).get("end_of_turn_id")
     taken = {t: 0 for t in range(len(tasks))}
     examples = []
     for doc in iter_documents(data_dir, split):
         task = doc["task_id"]
         if limit is None or taken[task] < limit:
             taken[task] += 1
-            examples.append(doc)
+            examples.append({**doc, "end_of_turn_id": end_of_turn})
     return examples
+
+
+def stop_ids(tokenizer, examples: list[dict]) -> list[int]:
+    """Tokens that end a generation: EOS, and the chat end-of-turn token the examples' build used."""
+    ids = {tokenizer.eos_token_id} | {e.get("end_of_turn_id") for e in examples}
+    return sorted(i for i in ids if i is not None)
+
+
+def _until_stop(ids: list[int], stops: list[int]) -> list[int]:
+    """`ids` up to its first stop token: an end-of-turn token that is not flagged special would
+    otherwise survive decoding with skip_special_tokens."""
+    cut = next((i for i, token in enumerate(ids) if token in stops), len(ids))
+    return ids[:cut]
 
 
 def generate_texts(model, tokenizer, examples: list[dict], settings: EvalSettings, device, synced: bool,
@@ -117,11 +134,14 @@ def generate_texts(model, tokenizer, examples: list[dict], settings: EvalSetting
 
     Left-padded batches, the KV cache, deterministic routing (the model is in eval mode). Every rank
     makes the same number of generate() calls; `synced` (ZeRO-3 across ranks) keeps them in
-    lockstep until all are done (transformers' synced_gpus)."""
+    lockstep until all are done (transformers' synced_gpus). Generation stops at EOS or at the chat
+    end-of-turn token the examples carry (`generation_examples`); hypotheses and references are
+    decoded up to it, special tokens skipped."""
     rank, world = _world()
     mine = [i for i in range(len(examples)) if i % world == rank]
     calls = _all_reduce_max(math.ceil(len(mine) / settings.batch_size))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stops = stop_ids(tokenizer, examples)
     results = []
     for call in progress(range(calls), desc="generate", leave=False):
         chunk = mine[call * settings.batch_size:(call + 1) * settings.batch_size]
@@ -137,13 +157,14 @@ def generate_texts(model, tokenizer, examples: list[dict], settings: EvalSetting
         with torch.no_grad():
             output = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), do_sample=False,
                                     max_new_tokens=settings.max_new_tokens, pad_token_id=pad_id,
-                                    eos_token_id=tokenizer.eos_token_id, synced_gpus=synced)
+                                    eos_token_id=stops, synced_gpus=synced)
         if not real:
             continue
         for row, index in enumerate(chunk):
-            hypothesis = tokenizer.decode(output[row, width:].tolist(), skip_special_tokens=True).strip()
+            hypothesis = tokenizer.decode(_until_stop(output[row, width:].tolist(), stops), skip_special_tokens=True).strip()
             example = examples[index]
-            reference = tokenizer.decode(example["tokens"][example["loss_start"]:].tolist(), skip_special_tokens=True).strip()
+            reference = example["tokens"][example["loss_start"]:].tolist()
+            reference = tokenizer.decode(_until_stop(reference, stops), skip_special_tokens=True).strip()
             results.append((index, hypothesis, reference))
     return results
 

@@ -67,6 +67,10 @@ class DataConfig:
     """Packed sequence length used when building."""
     vocab_size: int = 3000
     """Vocabulary of the SentencePiece tokenizer trained at build time (backbones built in code)."""
+    template: Optional[Literal["alpaca", "chat"]] = None
+    """The prompt format the run expects (data_pipeline.template); None accepts the built data's.
+    A build from `recipe` uses it as the recipe's override (chat needs model.path: a backbone whose
+    tokenizer has a chat template)."""
     task_sampling: Literal["mixture", "temperature", "sequential"] = "mixture"
     """How the reader picks tasks: recipe mixture weights, size**(1/temperature), or plain epochs."""
     temperature: float = 1.0
@@ -290,6 +294,9 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"data.recipe: {cfg.data.recipe}: no such file")
     if cfg.data.data_root is not None and not Path(cfg.data.data_root).is_dir():
         raise ConfigError(f"data.data_root: {cfg.data.data_root}: no such directory")
+    if cfg.data.template == "chat" and cfg.data.dir is None and cfg.model.path is None:
+        raise ConfigError("data.template: chat renders with the backbone tokenizer's chat template; a tokenizer trained "
+                          "here has none: set model.path to an instruction-tuned backbone, or use alpaca")
     for where, value in (("data.seq_len", cfg.data.seq_len), ("data.vocab_size", cfg.data.vocab_size), ("data.temperature", cfg.data.temperature),
                          ("optim.max_steps", cfg.optim.max_steps), ("optim.micro_batch_size", cfg.optim.micro_batch_size),
                          ("optim.grad_accum", cfg.optim.grad_accum), ("optim.lr", cfg.optim.lr), ("optim.eps", cfg.optim.eps),

@@ -74,6 +74,8 @@ def data_cache_key(cfg: TrainConfig) -> str:
     recipe = Path(cfg.data.recipe)
     described = {"recipe": recipe.read_text(), "seq_len": cfg.data.seq_len, "vocab_size": cfg.data.vocab_size,
                  "tokenizer": cfg.model.path, "data_root": cfg.data.data_root}
+    if cfg.data.template is not None:  # unset, the recipe's own template builds, and the recipe text is hashed
+        described["template"] = cfg.data.template
     return f"{recipe.stem}-{hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:12]}"
 
 
@@ -132,7 +134,8 @@ class Trainer:
         return precision == "bf16"
 
     def build_data(self) -> None:
-        from data_pipeline import BuildConfig, ShardReader, build_dataset, load_tokenizer, tokenizer_fingerprint
+        from data_pipeline import (BuildConfig, ShardReader, build_dataset, load_tokenizer, manifest_template,
+                                   tokenizer_fingerprint)
 
         data_dir = self.cfg.data.dir
         if data_dir is None:
@@ -141,7 +144,8 @@ class Trainer:
                 log.info("building %s into %s", self.cfg.data.recipe, data_dir)
                 build_dataset(BuildConfig(recipe=self.cfg.data.recipe, out=data_dir, data_root=self.cfg.data.data_root,
                                           tokenizer=self.cfg.model.path, train_tokenizer=self.cfg.model.path is None,
-                                          vocab_size=self.cfg.data.vocab_size, seq_len=self.cfg.data.seq_len))
+                                          vocab_size=self.cfg.data.vocab_size, seq_len=self.cfg.data.seq_len,
+                                          template=self.cfg.data.template))
             dist.barrier()
         self.data_dir = Path(data_dir)
         tokenizer_path = self.cfg.model.path or str(self.data_dir / "tokenizer")
@@ -149,12 +153,14 @@ class Trainer:
         fingerprint = tokenizer_fingerprint(self.tokenizer)
         self.reader = ShardReader(self.data_dir, "train", self.rank, self.world, self.cfg.optim.micro_batch_size,
                                   seed=self.cfg.data.seed, tokenizer_fingerprint=fingerprint,
-                                  task_sampling=self.cfg.data.task_sampling, temperature=self.cfg.data.temperature)
+                                  task_sampling=self.cfg.data.task_sampling, temperature=self.cfg.data.temperature,
+                                  template=self.cfg.data.template)
         self.fingerprint = fingerprint
         self.tasks = self.reader.tasks
         if self.rank == 0:  # what launch/evaluate.py --run-dir needs to rebuild this run's model and data
             write_json(self.run_dir / "run_info.json", {"data_dir": str(self.data_dir.resolve()), "tokenizer": str(Path(tokenizer_path).resolve()),
-                                                        "method": self.cfg.method, "model": self.cfg.to_dict()["model"]})
+                                                        "method": self.cfg.method, "model": self.cfg.to_dict()["model"],
+                                                        "template": manifest_template(self.reader.manifest)})
 
     def build_model(self) -> None:
         import deepspeed
@@ -377,7 +383,7 @@ class Trainer:
         from data_pipeline import ShardReader
 
         reader = ShardReader(self.data_dir, "eval", self.rank, self.world, self.cfg.optim.micro_batch_size,
-                             tokenizer_fingerprint=self.fingerprint, drop_last=False)
+                             tokenizer_fingerprint=self.fingerprint, drop_last=False, template=self.cfg.data.template)
         batches = list(reader)
         if self.cfg.logging.eval_batches is not None:
             batches = batches[: self.cfg.logging.eval_batches]

@@ -4,18 +4,24 @@
     python launch/generate.py --backbone PATH --adapter DIR --input "What is HyCAM?" --max-new-tokens 128
     echo "one prompt per line" | python launch/generate.py --run-dir runs/default -
 
-Each prompt is an instruction (optionally `--input` context) formatted with the training
-template; generation is greedy with the KV cache and deterministic routing unless --sample.
+Each prompt is an instruction (optionally `--input` context) formatted the way the run's data
+was built: with --run-dir, the template its data manifest records (alpaca or the tokenizer's chat
+template, with its system prompt); otherwise --template (default alpaca) and --system-prompt.
+Generation stops at EOS or the chat template's end-of-turn token; it is greedy with the KV cache
+and deterministic routing unless --sample.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from data_pipeline import TEMPLATES, BuildError, PromptFormat, load_manifest, manifest_template, prompt_format
 from hycam_ds.inference import ModelSpec, load_model
 
 
@@ -32,15 +38,56 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--sample", action="store_true", help="sample (temperature 0.8) instead of greedy decoding")
     parser.add_argument("--raw", action="store_true", help="use the prompts as they are, without the template")
+    parser.add_argument("--template", choices=TEMPLATES, default=None,
+                        help="prompt format without --run-dir (default alpaca); a run's data decides its own")
+    parser.add_argument("--system-prompt", default=None, help="system turn of --template chat (default: the template's)")
     return parser.parse_args(argv)
+
+
+@dataclass
+class Prompting:
+    """How prompts become token ids: the data's format and whether its documents start with an added BOS."""
+
+    fmt: PromptFormat
+    add_bos: bool = True
+
+    def ids(self, tokenizer, text: str) -> list[int]:
+        """Token ids of a rendered prompt, as the build put them in front of the response."""
+        if self.fmt.name == "alpaca":
+            return tokenizer.encode(text, add_special_tokens=True)
+        # chat: the build adds BOS itself (unless the template wrote it into the text), never twice
+        bos = self.fmt.document_bos(tokenizer, self.add_bos)
+        return ([bos] if bos is not None else []) + tokenizer.encode(text, add_special_tokens=False)
+
+    def stop_ids(self, tokenizer) -> list[int]:
+        return sorted({i for i in (tokenizer.eos_token_id, self.fmt.end_of_turn_id) if i is not None})
+
+
+def run_template(run_dir: Path) -> tuple[dict, bool]:
+    """The run's data template entry and add_bos, from run_info.json and the data manifest (alpaca
+    when neither records a template, or the data directory is gone)."""
+    info = json.loads((run_dir / "run_info.json").read_text())
+    data_dir = Path(info.get("data_dir", ""))
+    manifest = load_manifest(data_dir) if info.get("data_dir") and (data_dir / "manifest.json").is_file() else None
+    template = info.get("template") or (manifest_template(manifest) if manifest else {"name": "alpaca"})
+    add_bos = manifest["recipe"]["tokenizer"].get("add_bos", True) if manifest else True
+    return template, add_bos
+
+
+def prompting(args, tokenizer) -> Prompting:
+    """The format of --run-dir's data, or of --template / --system-prompt."""
+    if not args.run_dir:
+        return Prompting(prompt_format(args.template or "alpaca", tokenizer, args.system_prompt))
+    template, add_bos = run_template(Path(args.run_dir))
+    if args.template not in (None, template["name"]):
+        sys.exit(f"generate.py: --template {args.template}, but the run {args.run_dir} trained on {template['name']} prompts")
+    return Prompting(prompt_format(template["name"], tokenizer, template.get("system_prompt")), add_bos)
 
 
 def load(args):
     from data_pipeline import load_tokenizer
 
     if args.run_dir:
-        import json
-
         info = json.loads((Path(args.run_dir) / "run_info.json").read_text())
         tokenizer = load_tokenizer(info["tokenizer"])
         spec = ModelSpec.from_run_dir(Path(args.run_dir), len(tokenizer))
@@ -52,26 +99,28 @@ def load(args):
     return model, tokenizer
 
 
-def complete(model, tokenizer, prompt_text: str, args) -> str:
-    ids = tokenizer.encode(prompt_text, add_special_tokens=True)
+def complete(model, tokenizer, ids: list[int], stops: list[int], args) -> str:
     with torch.no_grad():
         out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.int64),
                              max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=0.8 if args.sample else None,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=stops)
     return tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=True).strip()
 
 
 def main(argv: list[str] | None = None) -> int:
-    from data_pipeline import format_prompt
-
     args = parse_args(sys.argv[1:] if argv is None else argv)
     prompts = [line.strip() for p in args.prompts for line in (sys.stdin if p == "-" else [p]) if line.strip()]
     if not prompts:
         sys.exit("generate.py: give at least one prompt")
     model, tokenizer = load(args)
+    try:
+        how = prompting(args, tokenizer)
+    except BuildError as err:  # e.g. --template chat with a tokenizer that has no chat template
+        sys.exit(f"generate.py: {err}")
     for prompt in prompts:
-        text = prompt if args.raw else format_prompt(prompt, args.input)
-        print(f">>> {prompt}\n{complete(model, tokenizer, text, args)}\n")
+        text = prompt if args.raw else how.fmt.prompt(prompt, args.input)
+        ids = tokenizer.encode(text, add_special_tokens=True) if args.raw else how.ids(tokenizer, text)
+        print(f">>> {prompt}\n{complete(model, tokenizer, ids, how.stop_ids(tokenizer), args)}\n")
     return 0
 
 

@@ -33,6 +33,8 @@ INVALID = [
     (["data.data_root=/nonexistent/root"], "data.data_root"),
     (["data.seq_len=0"], "data.seq_len"),
     (["data.task_sampling=random"], "data.task_sampling"),
+    (["data.template=chatml"], "data.template: 'chatml' is not one of"),
+    (["data.template=chat"], "data.template: chat renders with the backbone tokenizer's chat template"),
     (["hycam.tau=0"], "hycam: HyCAMConfig.tau"),
     (["hycam.routing=top2"], "hycam.routing: 'top2' is not one of"),
     (["hycam.num_specialized=-2"], "hycam: HyCAMConfig.num_specialized"),
@@ -72,6 +74,17 @@ def test_yaml_and_overrides_compose():
     cfg = load_train_config(REPO / "launch/configs/embedded.yaml", ["optim.lr=5e-4", "hycam.num_specialized=3"])
     assert cfg.optim.lr == 5e-4 and cfg.hycam.num_specialized == 3
     assert load_train_config(None, ["method=cam"]).hycam.num_specialized == 0
+
+
+def test_data_template_is_part_of_the_data_cache_key():
+    from hycam_ds.trainer import data_cache_key
+
+    cfg = TrainConfig()
+    plain = data_cache_key(cfg)
+    cfg.data.template = "chat"
+    chat = data_cache_key(cfg)
+    cfg.data.template = "alpaca"
+    assert len({plain, chat, data_cache_key(cfg)}) == 3  # a build with another template never reuses a cached one
 
 
 def test_ds_batch_sizes_must_agree_with_yaml_and_world_size():
