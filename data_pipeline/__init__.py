@@ -9,14 +9,15 @@ from .build import build_dataset, iter_examples, split_of
 from .config import BuildConfig, Recipe, TaskSpec, load_recipe
 from .examples import BadRow, BuildError, Example
 from .mask import block_causal_mask
+from .pretrained import PretrainedRef, PretrainedRefError, load_pretrained_tokenizer, parse_pretrained
 from .reader import ShardReader, iter_documents
 from .shards import load_manifest, manifest_template, verify
 from .template import TEMPLATES, PromptFormat, format_prompt, prompt_format
 from .tokenizer import load_tokenizer, tokenizer_fingerprint, train_sentencepiece
 
 __all__ = [
-    "BadRow", "BuildConfig", "BuildError", "Example", "Recipe", "ShardReader", "TaskSpec", "block_causal_mask",
-    "build_dataset", "format_prompt", "iter_documents", "iter_examples", "load_manifest", "load_recipe", "load_tokenizer",
+    "BadRow", "BuildConfig", "BuildError", "Example", "PretrainedRef", "PretrainedRefError", "Recipe", "ShardReader", "TaskSpec", "block_causal_mask",
+    "build_dataset", "format_prompt", "iter_documents", "iter_examples", "load_manifest", "load_pretrained_tokenizer", "load_recipe", "load_tokenizer", "parse_pretrained",
     "split_of", "tokenizer_fingerprint", "train_sentencepiece", "verify",
     "TEMPLATES", "PromptFormat", "manifest_template", "prompt_format",
 ]

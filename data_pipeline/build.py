@@ -21,6 +21,7 @@ from .config import SPLITS, BuildConfig, Recipe, load_recipe
 from .encode import ChunkEncoder, DocPolicy, assemble, template_tail_tokens
 from .examples import BadRow, BuildError, Example, RowReport
 from .packing import best_fit_decreasing
+from .pretrained import PretrainedRefError, parse_pretrained
 from .shards import FORMAT, MANIFEST, VERSION, ShardWriter, manifest_digest, sha256_file, token_dtype
 from .sources import read_source
 from .template import TEMPLATES, PromptFormat, format_prompt, prompt_format
@@ -58,7 +59,10 @@ def _resolve(recipe: Recipe, cfg: BuildConfig) -> Recipe:
     if cfg.tokenizer and cfg.train_tokenizer:
         raise BuildError("give either --tokenizer or --train-tokenizer, not both")
     if cfg.tokenizer:
-        recipe.tokenizer.path = str(Path(cfg.tokenizer).resolve())
+        try:
+            recipe.tokenizer.path = str(parse_pretrained(cfg.tokenizer))  # a hub id stays a hub id
+        except PretrainedRefError as err:
+            raise BuildError(f"--tokenizer {err}") from None
     elif cfg.train_tokenizer:
         recipe.tokenizer.path = None
     recipe.tokenizer.vocab_size = cfg.vocab_size or recipe.tokenizer.vocab_size

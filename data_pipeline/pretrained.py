@@ -14,6 +14,7 @@ never rewritten into a path.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from pathlib import Path
 from typing import Any, Optional
@@ -83,4 +84,15 @@ def load_pretrained_tokenizer(ref: str | Path | PretrainedRef):
     from transformers import AutoTokenizer
 
     ref = ref if isinstance(ref, PretrainedRef) else parse_pretrained(ref)
-    return AutoTokenizer.from_pretrained(ref.name_or_path, **ref.kwargs())
+    try:
+        return AutoTokenizer.from_pretrained(ref.name_or_path, **ref.kwargs())
+    except OSError as err:
+        raise cannot_load(ref, "tokenizer", err) from None
+
+
+def cannot_load(ref: PretrainedRef, what: str, err: OSError) -> PretrainedRefError:
+    """transformers' OSError (offline and not cached, no such repository, missing files) as one line naming the reference."""
+    first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+    hint = " (HF_HUB_OFFLINE is set: only the local Hugging Face cache is read)" if ref.gguf_file is None and not ref.is_local \
+        and os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false") else ""
+    return PretrainedRefError(f"{ref}: cannot load its {what}: {first}{hint}")

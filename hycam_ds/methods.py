@@ -22,11 +22,14 @@ from .train_config import TrainConfig
 
 def load_pretrained_model(ref: str, dtype: torch.dtype, attn_implementation: str) -> PreTrainedModel:
     """`from_pretrained` of a local directory, a .gguf file (dequantised to `dtype`) or a hub id."""
-    from data_pipeline.pretrained import parse_pretrained
+    from data_pipeline.pretrained import cannot_load, parse_pretrained
 
     source = parse_pretrained(ref)
-    model = AutoModelForCausalLM.from_pretrained(source.name_or_path, dtype=dtype, attn_implementation=attn_implementation,
-                                                 **source.kwargs())
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.name_or_path, dtype=dtype, attn_implementation=attn_implementation,
+                                                     **source.kwargs())
+    except OSError as err:
+        raise cannot_load(source, "model", err) from None
     if source.gguf_file is not None:
         # transformers marks a model loaded from GGUF as quantised, although its weights are now
         # plain `dtype` tensors: unmarked, it trains, exports and saves like any other.

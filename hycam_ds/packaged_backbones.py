@@ -277,6 +277,9 @@ def convert_gguf(gguf: Path, dest: Path) -> None:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(dest)
     tokenizer.save_pretrained(dest)
+    for path in dest.rglob("*"):  # safetensors writes 0600: a backbone on a shared filesystem serves every user
+        if path.is_file():
+            path.chmod(0o644)
 
 
 def _write_provenance(dest: Path, row: PackagedBackbone) -> None:

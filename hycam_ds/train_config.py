@@ -32,7 +32,8 @@ class ModelConfig:
     name: str = "small-llama"
     """A small backbone built in code (hycam_ds.backbones.SMALL_BACKBONES); used when `path` is unset."""
     path: Optional[str] = None
-    """A Hugging Face backbone: a local directory or a hub id, loaded with from_pretrained."""
+    """A Hugging Face backbone: a local directory, a .gguf file or a hub id `org/name[@revision]`,
+    loaded with from_pretrained (data_pipeline.pretrained says how each is read)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward (non-reentrant), for long sequences or big backbones."""
     attn_implementation: str = "sdpa"
@@ -284,8 +285,13 @@ def validate(cfg: TrainConfig) -> None:
     """Checks that need no model or data: ranges, files, choices."""
     if cfg.model.path is None and cfg.model.name not in SMALL_BACKBONES:
         raise ConfigError(f"model.name: {cfg.model.name!r} is not a built-in backbone ({sorted(SMALL_BACKBONES)}); set model.path for a Hugging Face one")
-    if cfg.model.path is not None and not Path(cfg.model.path).exists() and (cfg.model.path.startswith((".", "/")) or cfg.model.path.count("/") != 1):
-        raise ConfigError(f"model.path: {cfg.model.path!r} is neither a local directory nor a hub id (org/name)")
+    if cfg.model.path is not None:
+        from data_pipeline.pretrained import PretrainedRefError, parse_pretrained
+
+        try:
+            parse_pretrained(cfg.model.path)
+        except PretrainedRefError as err:
+            raise ConfigError(f"model.path: {err}") from None
     if cfg.model.attn_implementation not in ("sdpa", "eager"):
         raise ConfigError(f"model.attn_implementation: {cfg.model.attn_implementation!r}: packed rows need a 4-D mask, use sdpa or eager")
     if cfg.data.dir is not None and not (Path(cfg.data.dir) / "manifest.json").is_file():

@@ -70,6 +70,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def tokenizer_reference(ref: str) -> str:
+    """How run_info.json names the tokenizer: an absolute path, a .gguf file or a hub id left as written."""
+    from data_pipeline import parse_pretrained
+
+    return str(parse_pretrained(ref))
+
+
 def data_cache_key(cfg: TrainConfig) -> str:
     recipe = Path(cfg.data.recipe)
     described = {"recipe": recipe.read_text(), "seq_len": cfg.data.seq_len, "vocab_size": cfg.data.vocab_size,
@@ -158,7 +165,7 @@ class Trainer:
         self.fingerprint = fingerprint
         self.tasks = self.reader.tasks
         if self.rank == 0:  # what launch/evaluate.py --run-dir needs to rebuild this run's model and data
-            write_json(self.run_dir / "run_info.json", {"data_dir": str(self.data_dir.resolve()), "tokenizer": str(Path(tokenizer_path).resolve()),
+            write_json(self.run_dir / "run_info.json", {"data_dir": str(self.data_dir.resolve()), "tokenizer": tokenizer_reference(tokenizer_path),
                                                         "method": self.cfg.method, "model": self.cfg.to_dict()["model"],
                                                         "template": manifest_template(self.reader.manifest)})
 

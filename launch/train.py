@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"train.py: invalid configuration: {err}", file=sys.stderr)
         return 2
+    from data_pipeline.pretrained import PretrainedRefError
     from hycam_ds.trainer import Trainer
 
     trainer = Trainer(cfg, ds_raw)
@@ -51,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         trainer.setup()
     except ConfigError as err:  # checks that need the world size (batch sizes vs DeepSpeed JSON)
         print(f"train.py: invalid configuration: {err}", file=sys.stderr)
+        return 2
+    except PretrainedRefError as err:  # a backbone that is not where model.path says (offline cache, hub id, files)
+        print(f"train.py: model.path: {err}", file=sys.stderr)
         return 2
     outcome = trainer.fit()
     if outcome == "diverged":

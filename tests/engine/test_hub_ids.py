@@ -100,11 +100,12 @@ def test_hub_id_through_build_train_evaluate_generate(tmp_path, hub_cache):
     assert json.loads(estimate.stdout)["model_type"] == "llama"
 
 
-def test_unknown_hub_id_offline_is_one_clear_error(tmp_path, hub_cache, embedded_data):
+def test_unknown_hub_id_offline_is_a_clear_error(tmp_path, hub_cache, embedded_data):
     result = run_train(quick_args(tmp_path / "run", embedded_data, steps=2, **{"model.path": "hycam-test/absent"}),
                        env=offline_env(hub_cache), check=False)
-    assert result.returncode != 0
-    assert "hycam-test/absent" in result.stderr
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.startswith("train.py: model.path: hycam-test/absent: cannot load its tokenizer")
+    assert "HF_HUB_OFFLINE" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_config_rejects_a_path_that_is_not_a_backbone(tmp_path):
