@@ -30,12 +30,23 @@ class EvalSettings:
     """Greedy generation length cap."""
     batch_size: int = 8
     """Prompts per generate() call and packed rows per perplexity forward."""
+    max_ppl_rows: Optional[int] = None
+    """Packed rows of the split whose perplexity is measured: the first ones (rank r of W reads
+    rows r, r+W, ...), rounded up to whole batches on every rank; None = the whole split."""
     general_text: Optional[str] = None
     """Directory of .txt files for knowledge retention (general-text perplexity); None = skip."""
     general_max_tokens: int = 40_000
     """Tokens of general text evaluated (the first ones, deterministic)."""
     general_seq_len: int = 256
     """Block length of the general-text perplexity."""
+
+
+def ppl_batches(batches: list, settings: EvalSettings, world: int) -> list:
+    """The batches a rank evaluates for perplexity under `settings.max_ppl_rows`."""
+    if settings.max_ppl_rows is None:
+        return batches
+    rows_per_rank = -(-settings.max_ppl_rows // world)
+    return batches[: -(-rows_per_rank // settings.batch_size)]
 
 
 def _world() -> tuple[int, int]:

@@ -90,6 +90,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max-examples", type=int, default=24, help="greedy generations per task")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--eval-batch-size", type=int, default=8)
+    parser.add_argument("--ppl-rows", type=int, default=None, help="test-split packed rows for perplexity (default: all)")
     parser.add_argument("--general-tokens", type=int, default=30_000)
     return parser.parse_args(argv)
 
@@ -228,6 +229,8 @@ def evaluate(plan: Plan, method: Method, run_dir: Path | None) -> Path:
     args = plan.args
     cmd = [sys.executable, "launch/evaluate.py", "--out", str(eval_dir), "--max-examples", str(args.max_examples),
            "--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.eval_batch_size), "--no-progress"]
+    if args.ppl_rows:
+        cmd += ["--max-ppl-rows", str(args.ppl_rows)]
     if run_dir is not None:
         cmd += ["--run-dir", str(run_dir)]
     else:  # the untouched backbone

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from hycam_ds.evaluation import (EvalSettings, gather_generations, general_perplexity, general_text_blocks, generate_texts,
-                                 generation_examples, generation_scores, task_losses)
+                                 generation_examples, generation_scores, ppl_batches, task_losses)
 from hycam_ds.inference import ModelSpec, load_model
 from hycam_ds.text_metrics import perplexity
 
@@ -46,6 +46,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max-examples", type=int, default=32, help="generations per task (0 = no generation)")
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-ppl-rows", type=int, default=None, help="packed rows of the split for perplexity (default: all)")
     parser.add_argument("--general-text", help="directory of .txt files for knowledge retention")
     parser.add_argument("--general-tokens", type=int, default=40_000)
     parser.add_argument("--ds_config", help="DeepSpeed JSON: ZeRO-3 partitions the model across ranks")
@@ -97,9 +98,10 @@ def evaluate(args, spec: ModelSpec, data_dir: Path, tokenizer, rank: int, world:
     synced = world > 1 and ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3
     progress = partial(tqdm, disable=rank != 0 or args.no_progress)
     settings = EvalSettings(split=args.split, max_examples_per_task=args.max_examples or None, max_new_tokens=args.max_new_tokens,
-                            batch_size=args.batch_size, general_text=args.general_text, general_max_tokens=args.general_tokens)
+                            batch_size=args.batch_size, max_ppl_rows=args.max_ppl_rows, general_text=args.general_text,
+                            general_max_tokens=args.general_tokens)
     reader = ShardReader(data_dir, args.split, rank, world, settings.batch_size, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), drop_last=False)
-    sums, routing = task_losses(model, model, list(reader), len(reader.tasks), settings.batch_size, reader.seq_len, device, progress)
+    sums, routing = task_losses(model, model, ppl_batches(list(reader), settings, world), len(reader.tasks), settings.batch_size, reader.seq_len, device, progress)
     tasks = {t: {"ppl": perplexity(float(sums[i, 0]), float(sums[i, 1])), "loss_tokens": int(sums[i, 1])} for i, t in enumerate(reader.tasks)}
     if args.max_examples:
         examples = generation_examples(data_dir, args.split, reader.tasks, settings.max_examples_per_task)
@@ -110,7 +112,8 @@ def evaluate(args, spec: ModelSpec, data_dir: Path, tokenizer, rank: int, world:
             samples = [{"task": reader.tasks[examples[i]["task_id"]], "hypothesis": h, "reference": r} for i, h, r in generations[:50]]
             Path(args.out).mkdir(parents=True, exist_ok=True)
             (Path(args.out) / "samples.json").write_text(json.dumps(samples, indent=2))
-    report = {"split": args.split, "model": {"kind": spec.kind(), **{k: v for k, v in vars(spec).items()}}, "tasks": tasks, "world_size": world}
+    report = {"split": args.split, "model": {"kind": spec.kind(), **{k: v for k, v in vars(spec).items()}}, "tasks": tasks, "world_size": world,
+              "max_ppl_rows": settings.max_ppl_rows}
     if settings.general_text:
         blocks = general_text_blocks(tokenizer, settings.general_text, settings.general_max_tokens, settings.general_seq_len)
         adapted = general_perplexity(model, blocks, settings.batch_size, device)

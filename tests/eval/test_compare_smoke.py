@@ -30,7 +30,8 @@ def test_compare_smoke(tmp_path):
 
 
 def test_compare_sweep_backbone_row_and_resume(tmp_path):
-    args = ("--methods", "backbone,hycam,hycam (no balance loss)", "--sweep-steps", "1", "--lrs", "hycam=1e-3,0.5", "--save-every", "1")
+    args = ("--methods", "backbone,hycam,hycam (no balance loss)", "--sweep-steps", "1", "--lrs", "hycam=1e-3,0.5", "--save-every", "1",
+            "--ppl-rows", "2")
     compare(tmp_path, *args)
     result = json.loads((tmp_path / "comparison.json").read_text())
     backbone, hycam, ablation = result["rows"]
@@ -43,5 +44,6 @@ def test_compare_sweep_backbone_row_and_resume(tmp_path):
     assert [s for s, _ in hycam["loss_curve"]] == [1, 2, 3]
     assert [s for s, _ in ablation["loss_curve"]] == [1, 2, 3] and ablation["sweep"] is None
     assert "eval-split loss" in (tmp_path / "comparison.md").read_text()
+    assert json.loads((tmp_path / "backbone/eval/report.json").read_text())["max_ppl_rows"] == 2
     again = compare(tmp_path, *args)
     assert "training at lr" not in again.stdout and "evaluating" not in again.stdout
