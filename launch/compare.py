@@ -18,7 +18,8 @@ Resumable: every stage writes its result beside its run directory (sweep scores,
 the evaluation report) and is skipped when run again; training runs save checkpoints every
 `--save-every` steps and resume from them (checkpoint.resume=auto).
 
-Writes OUT/comparison.md and .json (table and sweep), OUT/loss_curves.png, and per method its run
+Writes OUT/comparison.md and .json (table and sweep), OUT/samples.md (generations side by side),
+OUT/loss_curves.png, and per method its run
 directory, evaluation report and logs under OUT/<method>/; the shared data build is OUT/data.
 """
 
@@ -284,6 +285,32 @@ def sweep_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def samples_markdown(rows: list[dict], out: Path, per_task: int = 2, width: int = 240) -> str:
+    """A few greedy generations per task, every method's beside the reference (same test examples:
+    evaluate.py generates for the same examples in the same order for every model)."""
+    by_method = {}
+    for r in rows:
+        path = out / METHODS[r["method"]].slug / "eval" / "samples.json"
+        if path.is_file():
+            by_method[r["method"]] = {(s["task"], s["reference"]): s["hypothesis"] for s in json.loads(path.read_text())}
+    if not by_method:
+        return ""
+    first = next(iter(by_method.values()))
+    shown: dict[str, int] = {}
+    lines = ["| task | " + " | ".join(["reference", *by_method]) + " |", "|---|" + "---|" * (len(by_method) + 1)]
+
+    def cell(text: str) -> str:
+        text = " ".join(text.split()).replace("|", "\\|")
+        return text[:width] + " ..." if len(text) > width else text
+
+    for task, reference in first:
+        if shown.get(task, 0) >= per_task or not all((task, reference) in m for m in by_method.values()):
+            continue
+        shown[task] = shown.get(task, 0) + 1
+        lines.append(f"| {task} | " + " | ".join([cell(reference), *(cell(m[(task, reference)]) for m in by_method.values())]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def loss_plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -352,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  average ppl {avg['ppl']:.2f}, BLEU-4 {avg['bleu4']:.2f}, ROUGE-L {avg['rougeL']:.2f}, {wall:.0f} s", flush=True)
     (plan.out / "comparison.json").write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=2))
     (plan.out / "comparison.md").write_text(table(rows) + "\n" + sweep_table(rows))
+    (plan.out / "samples.md").write_text(samples_markdown(rows, plan.out))
     loss_plot(rows, plan.out / "loss_curves.png")
     print(table(rows))
     print(sweep_table(rows))

@@ -20,7 +20,6 @@ from dp_helpers import EMBEDDED_RECIPE, REPO, write_recipe
 
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-SMOLLM2 = REPO / "runs/backbones/smollm2-135m-instruct"
 SYSTEM = "You answer briefly."
 
 # (instruction, input, output): with and without input, digits, punctuation, code indentation
@@ -283,12 +282,8 @@ def test_evaluation_stops_at_the_end_of_turn_and_skips_it(chat_build):
     assert sorted(r for _, _, r in results) == sorted(o for _, _, o in EXAMPLES)
 
 
-@pytest.mark.skipif(not (SMOLLM2 / "tokenizer.json").is_file(), reason=f"{SMOLLM2} not fetched (make backbone)")
-def test_smollm2_chat_build_of_the_embedded_tasks(tmp_path, request):
-    try:
-        backbone = request.getfixturevalue("smollm2_dir")
-    except pytest.FixtureLookupError:
-        backbone = SMOLLM2
+def test_smollm2_chat_build_of_the_embedded_tasks(tmp_path, smollm2_dir):
+    backbone = smollm2_dir  # the real backbone, fetched once per machine (tests/conftest.py)
     out = tmp_path / "smol"
     assert data_pipeline_main(["build", "--recipe", EMBEDDED_RECIPE, "--out", str(out), "--tokenizer", str(backbone),
                                "--template", "chat", "--no-progress"]) == 0

@@ -45,5 +45,7 @@ def test_compare_sweep_backbone_row_and_resume(tmp_path):
     assert [s for s, _ in ablation["loss_curve"]] == [1, 2, 3] and ablation["sweep"] is None
     assert "eval-split loss" in (tmp_path / "comparison.md").read_text()
     assert json.loads((tmp_path / "backbone/eval/report.json").read_text())["max_ppl_rows"] == 2
+    samples = (tmp_path / "samples.md").read_text().splitlines()
+    assert samples[0] == "| task | reference | backbone | hycam | hycam (no balance loss) |" and len(samples) > 2
     again = compare(tmp_path, *args)
     assert "training at lr" not in again.stdout and "evaluating" not in again.stdout
