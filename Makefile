@@ -1,7 +1,7 @@
 # The two commands of the README. Each creates .venv when missing (scripts/env.sh).
 PY := .venv/bin/python
 
-.PHONY: env demo test test-all bench backbone
+.PHONY: env demo test test-all lint format bench backbone
 
 env:
 	@bash scripts/env.sh >/dev/null
@@ -13,6 +13,16 @@ demo: env
 # The whole default test suite (what CI runs).
 test: env
 	$(PY) -m pytest -q
+
+# Lint: pyflakes, pycodestyle, import order, bugbear (settings in pyproject.toml); CI runs it.
+lint: env
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+
+# Rewrite the tree in the house format.
+format: env
+	.venv/bin/ruff format .
+	.venv/bin/ruff check --fix .
 
 # Everything, slow variants included.
 test-all: env

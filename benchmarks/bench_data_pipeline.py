@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-TRAIN_TOKENS_PER_S = 950.0  # hycam-performance.md: the model trains at ~950 tokens/s on this machine
+TRAIN_TOKENS_PER_S = 950.0  # what the embedded default trains at on 2 cores (README, Measured performance)
 
 
 def parse_args():

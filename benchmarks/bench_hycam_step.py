@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import hycam_ds as H
-from hycam_ds.backbones import build_backbone
-from hycam_ds.injection import hycam_layers
-from hycam_ds.layer import HyCAMAttention
+from hycam_ds.modeling.backbones import build_backbone
+from hycam_ds.modeling.injection import hycam_layers
+from hycam_ds.modeling.layer import HyCAMAttention
 
 
 class AuthorsLoopModulation(nn.Module):

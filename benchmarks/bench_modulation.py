@@ -1,5 +1,5 @@
 """The modulation alone: forward + backward of one layer's HyCAM after its joint projection
-(routing, the N_k products, the modulation: hycam_ds.modulation.modulate_layer), fused CPU kernel
+(routing, the N_k products, the modulation: hycam_ds.kernels.modulation.modulate_layer), fused CPU kernel
 vs torch ops, in one process, alternating, medians and ratios.
 
     .venv/bin/python benchmarks/bench_modulation.py [--rows 2048 --hidden 512 --experts 5 --rank 8]
@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from hycam_ds import fused_cpu, modulation
+from hycam_ds.kernels import fused_cpu, modulation
 
 
 def main() -> None:

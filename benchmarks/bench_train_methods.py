@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 
 import hycam_ds as H  # noqa: E402
 from data_pipeline import BuildConfig, ShardReader, block_causal_mask, build_dataset, load_tokenizer  # noqa: E402
-from hycam_ds.backbones import build_backbone  # noqa: E402
+from hycam_ds.modeling.backbones import build_backbone  # noqa: E402
 
 
 def make_variant(name: str, vocab: int):

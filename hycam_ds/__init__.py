@@ -5,9 +5,9 @@ Core API (torch + transformers only; no DeepSpeed, no files of the data pipeline
     save_adapter, load_adapter
 """
 
-from .adapter_io import AdapterError, load_adapter, read_adapter, save_adapter
-from .config import HyCAMConfig
-from .injection import (
+from .modeling.adapter_io import AdapterError, load_adapter, read_adapter, save_adapter
+from .modeling.config import HyCAMConfig
+from .modeling.injection import (
     FAMILY_LAYOUTS,
     apply_hycam,
     disable_hycam,
@@ -18,8 +18,8 @@ from .injection import (
     set_noise_seed,
     set_record_stats,
 )
-from .losses import balance_loss
-from .stats import routing_stats
+from .modeling.losses import balance_loss
+from .modeling.stats import routing_stats
 
 __all__ = [
     "AdapterError",

@@ -36,6 +36,9 @@ import sys
 import time
 from pathlib import Path
 
+from hycam_ds.engine import telemetry as tags
+from hycam_ds.engine.run_dir import RunDir
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from any directory
 
@@ -162,14 +165,13 @@ def train_command(plan: Plan, method: Method, run_dir: Path, lr: float, stop_at:
 
 
 def metrics_rows(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    return RunDir(run_dir).metric_rows()
 
 
 def eval_loss_at(run_dir: Path, step: int) -> float | None:
     """The eval-split loss the run logged at `step` (the last one, if a resumed run logged twice)."""
     rows = [r for r in metrics_rows(run_dir) if r["kind"] == "eval" and r["step"] == step]
-    return rows[-1]["eval/loss"] if rows else None
+    return rows[-1][tags.EVAL_LOSS] if rows else None
 
 
 def sweep(plan: Plan, method: Method) -> dict:
@@ -212,11 +214,11 @@ def train(plan: Plan, method: Method, chosen: dict) -> tuple[Path, float, dict |
     if timing.is_file():
         return run_dir, json.loads(timing.read_text())["train_seconds"], record
     earlier = 0.0
-    if record is not None and not run_dir.exists():  # continue the winning candidate from its checkpoint
+    if record is not None:  # the winning candidate continues from its checkpoint: its time counts
         winner = next(c for c in record["candidates"] if c["lr"] == lr)
-        shutil.copytree(winner["run_dir"], run_dir)
-    if record is not None:
-        earlier = next(c for c in record["candidates"] if c["lr"] == lr)["train_seconds"]
+        earlier = winner["train_seconds"]
+        if not run_dir.exists():
+            shutil.copytree(winner["run_dir"], run_dir)
     print(f"  {method.name}: training at lr {lr:g} to step {plan.args.steps} ...", flush=True)
     wall = run(train_command(plan, method, run_dir, lr, stop_at=None), plan.out / f"{method.slug}.train.log")
     timing.write_text(json.dumps({"train_seconds": earlier + wall, "lr": lr}))
@@ -249,9 +251,9 @@ def row(method: Method, run_dir: Path | None, eval_dir: Path, wall: float, lr: f
     if run_dir is None:
         trainable, total, curve = 0, None, []
     else:
-        info = json.loads((run_dir / "run_info.json").read_text())
-        trainable, total = info["trainable_parameters"], info["total_parameters"]
-        curve = [(r["step"], r["train/lm_loss"]) for r in metrics_rows(run_dir) if r["kind"] == "train"]
+        info = RunDir(run_dir).read_info()
+        trainable, total = info.trainable_parameters, info.total_parameters
+        curve = [(r["step"], r[tags.LM_LOSS]) for r in metrics_rows(run_dir) if r["kind"] == "train"]
     return {"method": method.name, "tasks": report["tasks"], "average": report["average"], "general_text": report.get("general_text"),
             "trainable": trainable, "total": total, "train_seconds": wall, "lr": lr, "sweep": record, "loss_curve": curve}
 
@@ -311,6 +313,20 @@ def samples_markdown(rows: list[dict], out: Path, per_task: int = 2, width: int 
     return "\n".join(lines) + "\n"
 
 
+SMOOTH_STEPS = 10
+
+
+def running_mean(values, window: int) -> list[float]:
+    """Mean of each value and up to window - 1 before it (shorter windows at the start)."""
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
 def loss_plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -321,9 +337,13 @@ def loss_plot(rows: list[dict], path: Path) -> None:
     for r in rows:
         if r["loss_curve"]:
             steps, losses = zip(*r["loss_curve"])
-            ax.plot(steps, losses, label=f"{r['method']} (lr {r['lr']:g})", linewidth=1.2)
+            # Per-step losses vary more between batches than between methods: each method's raw
+            # curve is drawn faint, its running mean over SMOOTH_STEPS steps in full colour.
+            (raw,) = ax.plot(steps, losses, linewidth=0.6, alpha=0.3)
+            ax.plot(steps, running_mean(losses, SMOOTH_STEPS), color=raw.get_color(), linewidth=1.6,
+                    label=f"{r['method']} (lr {r['lr']:g})")
     ax.set_xlabel("step")
-    ax.set_ylabel("train LM loss (response tokens)")
+    ax.set_ylabel(f"train LM loss (response tokens; mean of {SMOOTH_STEPS} steps)")
     ax.set_title("training loss, same backbone, data and token budget")
     ax.legend()
     fig.tight_layout()

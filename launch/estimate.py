@@ -35,7 +35,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig  # n
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
 import hycam_ds as H  # noqa: E402
 from data_pipeline.pretrained import PretrainedRef, PretrainedRefError, parse_pretrained  # noqa: E402
-from hycam_ds.layer import HyCAMModulation  # noqa: E402
+from hycam_ds.modeling.layer import HyCAMModulation  # noqa: E402
 
 BYTES_PER_FROZEN_PARAM = 2  # bf16 backbone weights
 GIB = 2**30

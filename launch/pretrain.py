@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
@@ -42,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from any directory
 from data_pipeline import format_prompt, iter_examples, load_recipe, load_tokenizer, split_of, train_sentencepiece  # noqa: E402
 from data_pipeline.examples import RowReport  # noqa: E402
+from hycam_ds.modeling.fileio import atomic_directory, write_bytes_atomic  # noqa: E402
 
 SHARED = (ROOT / ".." / "shared" / "data").resolve()
 HELD_OUT_FRACTION = 0.015
@@ -347,17 +349,21 @@ def fit(cfg: PretrainConfig, model, train: torch.Tensor, held_blocks: torch.Tens
 
 def save_checkpoint(path: Path, model, opt, state: FitState, gen: torch.Generator) -> None:
     """Write then rename: a kill during the write leaves the previous checkpoint intact."""
-    tmp = path.with_suffix(".tmp")
+    buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "state": dataclasses.asdict(state),
-                "generator": gen.get_state()}, tmp)
-    os.replace(tmp, path)
+                "generator": gen.get_state()}, buffer)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def save(cfg: PretrainConfig, model, tok, state: FitState, n_train: int, n_held: int, wall_start: float) -> dict:
     """Model, tokenizer, metrics.json and loss.png into a temporary sibling, then renamed to --out."""
     out = Path(cfg.out).resolve()
-    tmp = out.parent / f".{out.name}.saving-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_directory(out) as tmp:
+        return _write_backbone(tmp, cfg, model, tok, state, n_train, n_held, wall_start)
+
+
+def _write_backbone(tmp: Path, cfg: PretrainConfig, model, tok, state: FitState, n_train: int, n_held: int,
+                    wall_start: float) -> dict:
     model.save_pretrained(str(tmp))
     tok.save_pretrained(str(tmp))
     metrics = {
@@ -374,13 +380,6 @@ def save(cfg: PretrainConfig, model, tok, state: FitState, n_train: int, n_held:
     }
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     plot_loss(state, tmp / "loss.png")
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
     return metrics
 
 

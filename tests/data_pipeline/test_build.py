@@ -6,10 +6,8 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
-import pytest
 from transformers import AutoTokenizer
 
 from data_pipeline import (BuildConfig, build_dataset, format_prompt, load_manifest, load_tokenizer,

@@ -1,5 +1,5 @@
 """The chat template option: rendering, loss boundary, BOS/EOS, manifest, reader refusal, and the
-prompts generation builds (launch/generate.py, hycam_ds.evaluation) matching the shards'."""
+prompts generation builds (launch/generate.py, hycam_ds.eval.generation) matching the shards'."""
 from __future__ import annotations
 
 import filecmp
@@ -268,7 +268,8 @@ class _ScriptedModel:
 
 
 def test_evaluation_stops_at_the_end_of_turn_and_skips_it(chat_build):
-    from hycam_ds.evaluation import EvalSettings, generate_texts, generation_examples
+    from hycam_ds.eval.generation import generate_texts, generation_examples
+    from hycam_ds.eval.settings import EvalSettings
 
     tok = load_tokenizer(chat_build / "tokenizer")
     eot = tok.convert_tokens_to_ids("<|im_end|>")

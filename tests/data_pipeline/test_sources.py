@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 
 from data_pipeline.examples import BadRow, Example
 from data_pipeline.sources import read_source

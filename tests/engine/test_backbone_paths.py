@@ -12,7 +12,7 @@ from run_helpers import REPO, quick_args, run_train
 def local_backbone(tmp_path_factory, embedded_data):
     """A tiny Llama saved with save_pretrained beside the embedded tokenizer, as a hub download would be."""
     from data_pipeline import BuildConfig, build_dataset, load_tokenizer
-    from hycam_ds.backbones import build_backbone
+    from hycam_ds.modeling.backbones import build_backbone
 
     root = tmp_path_factory.mktemp("backbone")
     tokenizer = load_tokenizer(embedded_data / "tokenizer")

@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from hycam_ds.ds_config import load_ds_config, resolve_ds_config
-from hycam_ds.train_config import ConfigError, TrainConfig, load_train_config
+from hycam_ds.engine.ds_config import load_ds_config, resolve_ds_config
+from hycam_ds.engine.train_config import ConfigError, TrainConfig, load_train_config
 from run_helpers import REPO, run_train
 
 INVALID = [
@@ -77,7 +77,7 @@ def test_yaml_and_overrides_compose():
 
 
 def test_data_template_is_part_of_the_data_cache_key():
-    from hycam_ds.trainer import data_cache_key
+    from hycam_ds.engine.trainer import data_cache_key
 
     cfg = TrainConfig()
     plain = data_cache_key(cfg)

@@ -42,7 +42,7 @@ def hub_cache(tmp_path_factory, embedded_data):
     import hashlib
 
     from data_pipeline import load_tokenizer
-    from hycam_ds.backbones import build_backbone
+    from hycam_ds.modeling.backbones import build_backbone
 
     home = tmp_path_factory.mktemp("hf_home")
     staging = tmp_path_factory.mktemp("staging")

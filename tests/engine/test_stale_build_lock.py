@@ -4,7 +4,7 @@ import logging
 import os
 import time
 
-from hycam_ds.distributed import STALE_BUILD_LOCK_S, stale_extension_locks, warn_stale_extension_locks
+from hycam_ds.engine.distributed import STALE_BUILD_LOCK_S, stale_extension_locks, warn_stale_extension_locks
 
 
 def test_old_extension_lock_is_reported_and_a_fresh_one_is_not(tmp_path, monkeypatch, caplog):
@@ -18,7 +18,7 @@ def test_old_extension_lock_is_reported_and_a_fresh_one_is_not(tmp_path, monkeyp
     os.utime(stale, (old, old))
 
     assert stale_extension_locks() == [str(stale)]
-    with caplog.at_level(logging.WARNING, logger="hycam_ds.distributed"):
+    with caplog.at_level(logging.WARNING, logger="hycam_ds.engine.distributed"):
         warn_stale_extension_locks()
     assert str(stale) in caplog.text and "forever" in caplog.text
     assert str(fresh) not in caplog.text

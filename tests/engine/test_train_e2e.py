@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import hycam_ds as H
-from hycam_ds.backbones import build_backbone
+from hycam_ds.modeling.backbones import build_backbone
 from run_helpers import quick_args, run_train, train_losses
 
 REQUIRED_TAGS = {"train/loss", "train/lm_loss", "train/balance_loss", "train/lr", "train/grad_norm", "train/tokens_per_s",

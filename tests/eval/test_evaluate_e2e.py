@@ -58,7 +58,7 @@ def test_one_process_and_two_ranks_give_the_same_report(trained_run, tmp_path):
 
 def test_generation_with_adapter_equals_generation_without_cache(trained_run):
     from data_pipeline import format_prompt, load_tokenizer
-    from hycam_ds.inference import ModelSpec, load_model
+    from hycam_ds.eval.loading import ModelSpec, load_model
 
     info = json.loads((trained_run / "run_info.json").read_text())
     tokenizer = load_tokenizer(info["tokenizer"])

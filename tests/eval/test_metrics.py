@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from hycam_ds.text_metrics import bleu4, perplexity, rouge_l
+from hycam_ds.engine.lm_loss import perplexity
+from hycam_ds.eval.metrics import bleu4, rouge_l
 
 
 def test_bleu4_hand_computed():

@@ -193,7 +193,7 @@ def adapter(tmp_path):
     import torch
 
     import hycam_ds as H
-    from hycam_ds.backbones import build_backbone
+    from hycam_ds.modeling.backbones import build_backbone
 
     model = H.apply_hycam(build_backbone("tiny-llama", 97), H.HyCAMConfig())
     g = torch.Generator().manual_seed(1)
@@ -206,7 +206,7 @@ def adapter(tmp_path):
 def _adapter_refused(directory: Path, name: str) -> bool:
     """load_adapter raises AdapterError whose message names `name` (a file of the adapter)."""
     import hycam_ds as H
-    from hycam_ds.backbones import build_backbone
+    from hycam_ds.modeling.backbones import build_backbone
 
     try:
         H.load_adapter(build_backbone("tiny-llama", 97), directory)

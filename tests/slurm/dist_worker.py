@@ -12,8 +12,8 @@ import time
 
 import torch.distributed as dist
 
-from hycam_ds.distributed import init_timeout, preflight
-from hycam_ds.preemption import PreemptionGuard
+from hycam_ds.engine.distributed import init_timeout, preflight
+from hycam_ds.engine.preemption import PreemptionGuard
 
 
 def main(mode: str) -> int:

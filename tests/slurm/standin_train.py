@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from hycam_ds.distributed import init_timeout, preflight
-from hycam_ds.preemption import PreemptionGuard
+from hycam_ds.engine.distributed import init_timeout, preflight
+from hycam_ds.engine.preemption import PreemptionGuard
 
 log = logging.getLogger("standin")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from hycam_ds.preemption import PreemptionGuard
+from hycam_ds.engine.preemption import PreemptionGuard
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]

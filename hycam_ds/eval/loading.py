@@ -1,0 +1,84 @@
+"""Load a backbone plus what was trained on it (HyCAM or LoRA adapter, or a fully fine-tuned
+model) for evaluation and generation, in one process or partitioned by ZeRO-3 across ranks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from transformers.integrations import HfDeepSpeedConfig
+
+from ..modeling.adapter_io import MANIFEST_FILE, load_adapter
+from ..modeling.backbones import build_backbone
+from ..engine.ds_config import zero_stage
+from ..engine.methods import load_pretrained_model
+from ..engine.run_dir import RunDir
+
+
+@dataclass
+class ModelSpec:
+    backbone_path: Optional[str] = None
+    """A Hugging Face backbone directory or hub id."""
+    backbone_name: Optional[str] = None
+    """Or a backbone built in code (hycam_ds.modeling.backbones), with `backbone_seed` and `vocab_size`."""
+    backbone_seed: int = 0
+    vocab_size: Optional[int] = None
+    adapter: Optional[str] = None
+    """A HyCAM adapter (save_adapter) or a PEFT LoRA adapter directory."""
+    full_model: Optional[str] = None
+    """A fully fine-tuned model directory (replaces the backbone)."""
+
+    @classmethod
+    def from_run_dir(cls, run_dir: Path, vocab_size: int) -> "ModelSpec":
+        layout = RunDir(run_dir)
+        info = layout.read_info()
+        model, adapter, full = info.model, str(layout.adapter), info.method == "full"
+        return cls(backbone_path=model["path"], backbone_name=None if model["path"] else model["name"], backbone_seed=model["seed"],
+                   vocab_size=vocab_size, adapter=None if full else adapter, full_model=adapter if full else None)
+
+    def kind(self) -> str:
+        if self.full_model:
+            return "full"
+        if self.adapter is None:
+            return "backbone"
+        return "hycam" if (Path(self.adapter) / MANIFEST_FILE).is_file() else "lora"
+
+
+def zero3_inference_config(ds_config: dict[str, Any]) -> dict[str, Any]:
+    """A training DeepSpeed config reduced to what inference needs (no optimizer, no scheduler)."""
+    keep = {k: v for k, v in ds_config.items() if k in ("zero_optimization", "bf16")}
+    keep["train_micro_batch_size_per_gpu"] = 1
+    keep.setdefault("bf16", {})["enabled"] = bool(keep.get("bf16", {}).get("enabled") is True)
+    return keep
+
+
+def load_model(spec: ModelSpec, dtype: torch.dtype = torch.float32, ds_config: Optional[dict] = None, attn: str = "sdpa"):
+    """Returns (model in eval mode, keepalive). Under ZeRO-3 (`ds_config` stage 3) the returned
+    model is a DeepSpeed engine's module, partitioned across ranks; keep `keepalive` referenced."""
+    stage3 = bool(ds_config) and zero_stage(ds_config) == 3
+    ds_config = zero3_inference_config(ds_config) if stage3 else None
+    hf_ds = None
+    source = spec.full_model or spec.backbone_path
+    if source is not None:
+        hf_ds = HfDeepSpeedConfig(ds_config) if stage3 else None  # from_pretrained builds it partitioned
+        model = load_pretrained_model(source, dtype, attn)
+    else:  # built whole, exactly as the trainer built it (hycam_ds.engine.methods.BackboneLoader)
+        model = build_backbone(spec.backbone_name, spec.vocab_size, seed=spec.backbone_seed, dtype=dtype, attn_implementation=attn)
+    kind = spec.kind()
+    if kind == "hycam":
+        load_adapter(model, spec.adapter)
+    elif kind == "lora":
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, spec.adapter)
+    model.eval()
+    engine = None
+    if hf_ds is not None:
+        import deepspeed
+
+        engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+        engine.eval()
+        model = engine.module
+    return model, (hf_ds, engine)

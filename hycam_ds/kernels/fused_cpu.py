@@ -1,0 +1,85 @@
+"""Loads the fused CPU kernel of the modulation (csrc/modulate_cpu.cpp), built on first use.
+
+torch's C++-extension builder compiles it once per machine kind into ~/.cache/torch_extensions
+(or $TORCH_EXTENSIONS_DIR) and later processes load the cached library; scripts/env.sh builds it
+when it creates the environment, so no timed job pays the ~20 s compile. The library's name
+carries the instruction set it was compiled for, so nodes of different CPU kinds sharing one
+home directory never load each other's build.
+
+The kernel is an optimisation, never a requirement: without a compiler, on accelerators, in
+bf16/fp16, or with HYCAM_FUSED_CPU=0, the modulation runs on torch ops (same results to
+rounding, tested). A failed build is reported once, as a warning naming the cause.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("csrc") / "modulate_cpu.cpp"
+_lock = threading.Lock()
+_module: ModuleType | None = None
+_failed = False
+
+
+def _isa_flags() -> tuple[str, list[str]]:
+    """(name suffix, compiler flags) for the widest vector ISA torch detected on this CPU."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability in ("AVX2", "AVX512"):
+        # AVX2+FMA on both: -mavx512f made this kernel no faster where it was tried (docs/performance.md),
+        # and one build then serves both kinds of CPU.
+        return "avx2", ["-mavx2", "-mfma"]
+    return "generic", []
+
+
+def enabled() -> bool:
+    return os.environ.get("HYCAM_FUSED_CPU", "1") != "0"
+
+
+def load(verbose: bool = False) -> ModuleType | None:
+    """The compiled kernel, or None when it is disabled or cannot be built here."""
+    global _module, _failed
+    if _module is not None or _failed or not enabled():
+        return _module
+    with _lock:
+        if _module is None and not _failed:
+            suffix, isa = _isa_flags()
+            try:
+                from torch.utils.cpp_extension import load as build_and_load
+
+                _module = build_and_load(
+                    name=f"hycam_modulate_cpu_{suffix}",
+                    sources=[str(_SOURCE)],
+                    # The two math flags let the SiLU loops vectorise (no errno, no FP traps); no
+                    # -ffast-math, so NaN and inf propagate as in torch. Reductions are vectorised
+                    # per loop by `omp simd reduction`.
+                    extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", *isa],
+                    extra_ldflags=["-fopenmp"],
+                    verbose=verbose,
+                )
+            except Exception as exc:  # no compiler, no ninja, read-only cache, ...
+                _failed = True
+                logger.warning("HyCAM's fused CPU kernel is unavailable (%s: %s); using torch ops, which are slower "
+                               "on CPU", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+    return _module
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether these tensors can take the fused kernel (CPU, float32/float64, kernel available)."""
+    if not enabled():
+        return False
+    if any(t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64) for t in tensors):
+        return False
+    return load() is not None
+
+
+def rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """t itself when it is [T, d] with contiguous rows (any row stride), else a contiguous copy."""
+    return t if t.dim() == 2 and t.stride(1) == 1 else t.contiguous()

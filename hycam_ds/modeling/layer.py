@@ -1,0 +1,178 @@
+"""HyCAM modules of one decoder layer, and the wrapper that puts them on its attention module.
+
+    A      = SiLU(x W_shared) + sum_k p_k SiLU(scale * B_k(N_k(A_k(x))))
+    h_out  = h_att + h_att * A                  (site="attention", the paper)
+    h_out  = h_att + (h_in + h_att) * A         (site="residual", the authors' code: after the
+                                                 layer adds h_in, that is (h_in + h_att)(1 + A))
+x is the attention module's input (the normalised hidden state), p the router's weights.
+reference.py states the same plainly; the modules here compute it through hycam_ds.kernels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels import cpu_gemm
+from ..kernels.modulation import ProjectionLayout, modulate_layer
+from .config import HyCAMConfig
+from .router import NoiseState, gumbel_noise, routing_mode
+
+
+@dataclass
+class HyCAMState:
+    """What all HyCAM layers of one model share: the noise source, the token mask of the current
+    forward (for the balance loss and statistics), and whether to record modulation magnitudes."""
+
+    config: HyCAMConfig
+    noise: NoiseState = field(default_factory=NoiseState)
+    token_mask: torch.Tensor | None = None
+    record_stats: bool = True
+    disabled: bool = False
+
+
+class HyCAMModulation(nn.Module):
+    """Shared CAM + N_s low-rank specialised CAMs (stacked, computed batched) + router.
+
+    All parameters belong directly to this module (no submodules): ZeRO-3 gathers a module's own
+    parameters when its forward runs, and the forward reads them all at once. The three
+    projections of x (W_shared, every A_k, the router) are one matmul over concatenated weights:
+    small-output GEMMs ([d, N_s*r], [d, N_s]) run far below peak on their own.
+    """
+
+    def __init__(self, hidden_size: int, config: HyCAMConfig, state: HyCAMState, layer_index: int):
+        super().__init__()
+        n, r, d = config.num_specialized, config.rank, hidden_size
+        self.config = config
+        self.layer_index = layer_index
+        self.shared_weight = nn.Parameter(torch.empty(d, d)) if config.shared else None
+        self.shared_bias = nn.Parameter(torch.empty(d)) if config.shared and config.bias else None
+        experts = n > 0
+        self.spec_a = nn.Parameter(torch.empty(n * r, d)) if experts else None  # rows [k*r, (k+1)*r): A_k
+        self.spec_n = nn.Parameter(torch.empty(n, r, r)) if experts else None
+        self.spec_b = nn.Parameter(torch.empty(n, r, d)) if experts else None
+        self.router_weight = nn.Parameter(torch.empty(n, d)) if experts else None
+        self.router_bias = nn.Parameter(torch.empty(n)) if experts and config.bias else None
+        object.__setattr__(self, "_state", state)  # plain attribute: not a submodule, not saved
+        self.last_routing: dict[str, torch.Tensor] = {}
+        self.last_magnitudes: dict[str, torch.Tensor | None] = {}
+        self.reset_parameters()
+
+    def router_parameters(self) -> list[nn.Parameter]:
+        """The router's weight and bias (empty without experts)."""
+        return [p for p in (self.router_weight, self.router_bias) if p is not None]
+
+    def reset_parameters(self) -> None:
+        """SLoRA init: A_k and N_k as nn.Linear (kaiming-uniform, a=sqrt(5)); B_k and W_shared zero,
+        so that A = SiLU(0) = 0 and the adapted model equals the backbone at step 0. The router
+        is initialised as nn.Linear, its bias zero."""
+        if self.spec_a is not None:
+            d, r = self.spec_a.shape[1], self.config.rank
+            nn.init.uniform_(self.spec_a, -1 / math.sqrt(d), 1 / math.sqrt(d))
+            nn.init.uniform_(self.spec_n, -1 / math.sqrt(r), 1 / math.sqrt(r))
+            nn.init.uniform_(self.router_weight, -1 / math.sqrt(d), 1 / math.sqrt(d))
+        for p in (self.spec_b, self.shared_weight, self.shared_bias, self.router_bias):
+            if p is not None:
+                nn.init.zeros_(p)
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, ProjectionLayout | None]:
+        """x [T, d] -> (one [T, C] tensor holding x W_shared, every A_k x and the router logits side
+        by side, their layout). One GEMM over concatenated weights: small-output GEMMs
+        ([d, N_s*r], [d, N_s]) run far below peak on their own. On CPU the GEMMs run on oneDNN
+        (cpu_gemm.py: torch's default BLAS takes its AVX2 path on AMD CPUs). Shared CAM alone:
+        (x W_shared, None)."""
+        if self.spec_a is None:
+            return cpu_gemm.linear(x, self.shared_weight, self.shared_bias), None
+        cfg = self.config
+        layout = ProjectionLayout(x.shape[-1], cfg.num_specialized, cfg.rank, self.shared_weight is not None)
+        weights = [w for w in (self.shared_weight, self.spec_a, self.router_weight) if w is not None]
+        pad = layout.width - layout.logit_col - layout.experts  # zero rows: their columns are never read
+        if pad:
+            weights.append(x.new_zeros(pad, x.shape[-1]))
+        bias = None
+        if cfg.bias:
+            parts = [self.shared_bias, x.new_zeros(self.spec_a.shape[0]), self.router_bias, x.new_zeros(pad)]
+            bias = torch.cat([b for b in parts if b is not None])
+        return cpu_gemm.linear(x, torch.cat(weights), bias), layout
+
+    def forward(self, x: torch.Tensor, h_att: torch.Tensor, h_in: torch.Tensor | None = None) -> torch.Tensor:
+        """h_out = h_att + target * A (module docstring), computed by the fast paths of hycam_ds.kernels.
+
+        The plain statement of this function is hycam_ds.modeling.reference.reference_modulation
+        (the paper's equation, a loop over the experts, plain autograd); tests hold this forward,
+        its routing weights and its gradients equal to it."""
+        cfg, state = self.config, self._state
+        shape = h_att.shape
+        proj, layout = self._project(x.reshape(-1, shape[-1]))
+        h2 = h_att.reshape(-1, shape[-1])
+        target = h2 if cfg.site == "attention" else h2 + h_in.reshape(-1, shape[-1])
+        if layout is None:  # shared CAM alone: no experts to route
+            shared = F.silu(proj)
+            self.last_magnitudes = ({"shared_magnitude": shared.detach().abs().mean().float(),
+                                     "specialized_magnitude": None} if state.record_stats else {})
+            return torch.addcmul(h2, target, shared).view(shape)
+        hard, sample = routing_mode(cfg, self.training)
+        noise = None
+        if sample:
+            rows = proj.shape[0]
+            noise = gumbel_noise((rows, layout.experts), state.noise.generator(self.layer_index, proj.device),
+                                 proj.device)
+        stats: dict | None = {} if state.record_stats else None
+        out, weights, probs = modulate_layer(h2, target, proj, layout, self.spec_n, self.spec_b, noise, cfg.tau,
+                                             cfg.scaling, hard, stats)
+        tokens = shape[:-1]
+        self.last_routing = {"weights": weights.view(*tokens, -1), "probs": probs.view(*tokens, -1),
+                             "logits": layout.split(proj)[2].view(*tokens, -1)}
+        self.last_magnitudes = stats or {}
+        return out.view(shape)
+
+
+class LayerInputTap(nn.Module):
+    """Wraps a decoder layer's input norm to hand its input (h_in) to the HyCAM attention wrapper.
+
+    Needed only for site="residual". It sits inside the decoder layer, so gradient checkpointing,
+    which re-runs the layer's submodules in backward, refreshes it together with the attention."""
+
+    def __init__(self, norm: nn.Module, attention: "HyCAMAttention"):
+        super().__init__()
+        self.base_layer = norm
+        object.__setattr__(self, "_attention", attention)
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        self._attention.layer_input = hidden_states
+        return self.base_layer(hidden_states, *args, **kwargs)
+
+
+class HyCAMAttention(nn.Module):
+    """Wraps any family's attention module: calls it first, then modulates its output."""
+
+    def __init__(self, base_layer: nn.Module, hycam: HyCAMModulation, state: HyCAMState):
+        super().__init__()
+        self.base_layer = base_layer
+        self.hycam = hycam
+        object.__setattr__(self, "_state", state)  # shared by all layers; read for disable_hycam
+        self.layer_input: torch.Tensor | None = None
+
+    def forward(self, *args, **kwargs):
+        x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        out = self.base_layer(*args, **kwargs)
+        h_att = out[0] if isinstance(out, tuple) else out
+        h_in, self.layer_input = self.layer_input, None  # do not keep the tensor alive past the forward
+        if self._state.disabled:  # the untouched backbone, for comparisons (hycam_ds.disable_hycam)
+            return out
+        if self._state.config.site == "residual" and h_in is None:
+            raise RuntimeError("HyCAM site='residual' needs the layer input, but the input-norm tap did not run")
+        h_out = self.hycam(x, h_att, h_in)
+        return (h_out, *out[1:]) if isinstance(out, tuple) else h_out
+
+    def __getattr__(self, name: str):
+        # Code that reads attributes of the attention module (layer_idx, config, is_causal, ...)
+        # keeps working on the wrapper.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("base_layer"), name)
