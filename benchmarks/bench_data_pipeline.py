@@ -11,6 +11,7 @@
 3. reader samples/s against what a training step consumes (~950 tokens/s measured here).
 The tokenizer is a SentencePiece BPE (vocab 8000) trained here on the real tasks.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,11 @@ def write_replicated_recipe(path: Path, replicas: int, seq_len: int) -> str:
     import yaml
 
     sources = [{"type": "alpaca", "path": "tasks/auto_cot/Auto-CoT.json"}] * replicas
-    path.write_text(yaml.safe_dump({"name": "auto_cot_x%d" % replicas, "seq_len": seq_len,
-                                    "tasks": [{"name": "auto_cot", "sources": sources}]}))
+    path.write_text(
+        yaml.safe_dump(
+            {"name": "auto_cot_x%d" % replicas, "seq_len": seq_len, "tasks": [{"name": "auto_cot", "sources": sources}]}
+        )
+    )
     return str(path)
 
 
@@ -84,10 +88,14 @@ def bench_datasets_map(tok_dir: str, texts: list[str], repeats: int) -> float:
     ds = datasets.Dataset.from_dict({"prompt": texts[0::2], "response": texts[1::2]})
 
     def encode(batch):
-        return {"p": tok(batch["prompt"], add_special_tokens=False)["input_ids"],
-                "r": tok(batch["response"], add_special_tokens=False)["input_ids"]}
+        return {
+            "p": tok(batch["prompt"], add_special_tokens=False)["input_ids"],
+            "r": tok(batch["response"], add_special_tokens=False)["input_ids"],
+        }
 
-    out, dt = timed(lambda: ds.map(encode, batched=True, remove_columns=["prompt", "response"], load_from_cache_file=False), repeats)
+    out, dt = timed(
+        lambda: ds.map(encode, batched=True, remove_columns=["prompt", "response"], load_from_cache_file=False), repeats
+    )
     return sum(len(x) for x in out["p"]) / dt + sum(len(x) for x in out["r"]) / dt
 
 
@@ -110,15 +118,32 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_dp_"))
     hycam5 = str(ROOT / "data_pipeline" / "recipes" / "hycam5.yaml")
     print(f"[setup] training the tokenizer and building the five real tasks (seq {args.seq_len}) ...", flush=True)
-    five, t_five = timed(lambda: build_dataset(BuildConfig(recipe=hycam5, out=str(work / "hycam5"), data_root=args.data_root,
-                                                           train_tokenizer=True, vocab_size=8000, seq_len=args.seq_len,
-                                                           workers=args.workers, progress=False)))
+    five, t_five = timed(
+        lambda: build_dataset(
+            BuildConfig(
+                recipe=hycam5,
+                out=str(work / "hycam5"),
+                data_root=args.data_root,
+                train_tokenizer=True,
+                vocab_size=8000,
+                seq_len=args.seq_len,
+                workers=args.workers,
+                progress=False,
+            )
+        )
+    )
     tok_dir = str(Path(five) / "tokenizer")
     recipe = write_replicated_recipe(work / "rep.yaml", args.replicas, args.seq_len)
     texts = corpus_texts(recipe, args.data_root)
 
-    build_cfg = BuildConfig(recipe=recipe, out=str(work / "rep"), data_root=args.data_root, tokenizer=tok_dir,
-                            workers=args.workers, progress=False)
+    build_cfg = BuildConfig(
+        recipe=recipe,
+        out=str(work / "rep"),
+        data_root=args.data_root,
+        tokenizer=tok_dir,
+        workers=args.workers,
+        progress=False,
+    )
     out, t_build = timed(lambda: build_dataset(build_cfg), args.repeats)
     m = load_manifest(out)
     build_tps = sum(s["tokens"] for s in m["splits"].values()) / t_build
@@ -131,21 +156,43 @@ def main() -> None:
     reader_sps = bench_reader(five)
     need_sps = TRAIN_TOKENS_PER_S / args.seq_len
 
-    print(f"\nload average during the run: {os.getloadavg()[0]:.2f} (2 cores, shared); best of {args.repeats} runs each")
-    print(f"corpus: Auto-CoT x{args.replicas}, {len(texts) // 2} examples, "
-          f"{sum(s['tokens'] for s in m['splits'].values()) / 1e6:.2f}M tokens; workers={args.workers}")
+    print(
+        f"\nload average during the run: {os.getloadavg()[0]:.2f} (2 cores, shared); "
+        f"best of {args.repeats} runs each"
+    )
+    print(
+        f"corpus: Auto-CoT x{args.replicas}, {len(texts) // 2} examples, "
+        f"{sum(s['tokens'] for s in m['splits'].values()) / 1e6:.2f}M tokens; workers={args.workers}"
+    )
     print(f"build (read+template+tokenise+pack+write+sha256): {build_tps / 1e6:.2f}M tokens/s in {t_build:.2f}s")
-    print(f"  vs tokenizer batched encode, {os.environ['RAYON_NUM_THREADS']} threads ({encode_tps / 1e6:.2f}M tokens/s): "
-          f"{build_tps / encode_tps:.2f}x   (target >= 0.8x)")
-    print(f"  vs encode_batch_fast (no offsets), same threads ({fast_tps / 1e6:.2f}M tokens/s): {build_tps / fast_tps:.2f}x")
-    print(f"  vs datasets.map(batched=True) ({map_tps / 1e6:.2f}M tokens/s): {build_tps / map_tps:.2f}x   (target >= 1.3x)")
-    print(f"packing at seq {args.seq_len}, five real tasks ({five_m['packing']} packing), train split: "
-          f"efficiency {train['packing_efficiency']:.4f}, {train['sequences']} rows vs lower bound "
-          f"{train['lower_bound_sequences']} = ceil(tokens/seq_len): {train['lower_bound_sequences'] / train['sequences']:.4f}"
-          f"   (target >= 0.98)")
-    print(f"  whole five-task build incl. tokenizer training: {t_five:.1f}s, all splits efficiency {five_m['packing_efficiency']:.4f}")
-    print(f"reader (batch 4 + block mask): {reader_sps:.0f} samples/s vs a training step's consumption "
-          f"{need_sps:.2f} samples/s: {reader_sps / need_sps:.0f}x headroom")
+    print(
+        f"  vs tokenizer batched encode, {os.environ['RAYON_NUM_THREADS']} threads "
+        f"({encode_tps / 1e6:.2f}M tokens/s): "
+        f"{build_tps / encode_tps:.2f}x   (target >= 0.8x)"
+    )
+    print(
+        f"  vs encode_batch_fast (no offsets), same threads ({fast_tps / 1e6:.2f}M tokens/s): "
+        f"{build_tps / fast_tps:.2f}x"
+    )
+    print(
+        f"  vs datasets.map(batched=True) ({map_tps / 1e6:.2f}M tokens/s): "
+        f"{build_tps / map_tps:.2f}x   (target >= 1.3x)"
+    )
+    print(
+        f"packing at seq {args.seq_len}, five real tasks ({five_m['packing']} packing), train split: "
+        f"efficiency {train['packing_efficiency']:.4f}, {train['sequences']} rows vs lower bound "
+        f"{train['lower_bound_sequences']} = ceil(tokens/seq_len): "
+        f"{train['lower_bound_sequences'] / train['sequences']:.4f}"
+        f"   (target >= 0.98)"
+    )
+    print(
+        f"  whole five-task build incl. tokenizer training: {t_five:.1f}s, "
+        f"all splits efficiency {five_m['packing_efficiency']:.4f}"
+    )
+    print(
+        f"reader (batch 4 + block mask): {reader_sps:.0f} samples/s vs a training step's consumption "
+        f"{need_sps:.2f} samples/s: {reader_sps / need_sps:.0f}x headroom"
+    )
 
 
 if __name__ == "__main__":

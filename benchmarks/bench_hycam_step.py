@@ -86,8 +86,13 @@ VARIANT_ENV = {TORCH_OPS: {"HYCAM_FUSED_CPU": "0"}, TORCH_GEMM: {"HYCAM_ONEDNN_L
 
 
 def build_variant(name: str, args) -> tuple[nn.Module, list[nn.Parameter]]:
-    model = build_backbone("bench-llama", args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
-                           intermediate_size=int(args.hidden * 2.75))
+    model = build_backbone(
+        "bench-llama",
+        args.vocab,
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        intermediate_size=int(args.hidden * 2.75),
+    )
     model.train()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -97,7 +102,9 @@ def build_variant(name: str, args) -> tuple[nn.Module, list[nn.Parameter]]:
     if name == "PEFT LoRA r=8 (q,k,v,o)":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+        model = get_peft_model(
+            model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+        )
         return model, [p for p in model.parameters() if p.requires_grad]
     routing = "hard" if "hard" in name else "soft"
     experts = 0 if name.startswith("shared CAM alone") else 5
@@ -158,8 +165,17 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    names = ["frozen backbone", "PEFT LoRA r=8 (q,k,v,o)", AUTHORS_CODE, AUTHORS_LOOP, "hycam-ds soft (paper)", "hycam-ds hard",
-             TORCH_OPS, TORCH_GEMM, "shared CAM alone (the floor: no experts)"]
+    names = [
+        "frozen backbone",
+        "PEFT LoRA r=8 (q,k,v,o)",
+        AUTHORS_CODE,
+        AUTHORS_LOOP,
+        "hycam-ds soft (paper)",
+        "hycam-ds hard",
+        TORCH_OPS,
+        TORCH_GEMM,
+        "shared CAM alone (the floor: no experts)",
+    ]
     ids = torch.randint(0, args.vocab, (args.batch, args.seq))
     variants = {}
     for name in names:
@@ -167,9 +183,10 @@ def main() -> None:
         optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
         total = sum(p.numel() for p in model.parameters())
         env = {"HYCAM_FUSED_CPU": "1", "HYCAM_ONEDNN_LINEAR": "1", **VARIANT_ENV.get(name, {})}
-        variants[name] = dict(model=model, optimizer=optimizer, times=[], trainable=sum(p.numel() for p in params) / total,
-                              env=env)
-    for name, v in variants.items():
+        variants[name] = dict(
+            model=model, optimizer=optimizer, times=[], trainable=sum(p.numel() for p in params) / total, env=env
+        )
+    for v in variants.values():
         os.environ.update(v["env"])
         v["saved"] = saved_activation_bytes(v["model"], ids)
     for round_index in range(args.warmup + args.steps):  # round-robin: noise hits every variant alike
@@ -180,18 +197,26 @@ def main() -> None:
                 v["times"].append(elapsed)
     base = variants["frozen backbone"]
     base_time, base_saved = statistics.median(base["times"]), base["saved"]
-    print(f"\nLlama hidden {args.hidden}, {args.layers} layers, batch {args.batch} x seq {args.seq}, fp32, "
-          f"{args.threads} threads, median of {args.steps} steps after {args.warmup} warm-up")
-    print(f"| variant | trainable | step (s) | step vs frozen | saved activations (MB) | vs frozen |")
+    print(
+        f"\nLlama hidden {args.hidden}, {args.layers} layers, batch {args.batch} x seq {args.seq}, fp32, "
+        f"{args.threads} threads, median of {args.steps} steps after {args.warmup} warm-up"
+    )
+    print("| variant | trainable | step (s) | step vs frozen | saved activations (MB) | vs frozen |")
     print("|---|---|---|---|---|---|")
     for name, v in variants.items():
         t = statistics.median(v["times"])
-        print(f"| {name} | {v['trainable']:.2%} | {t:.3f} | {t / base_time:.2f}x | {v['saved'] / 2**20:.0f} | {v['saved'] / base_saved:.2f}x |")
+        print(
+            f"| {name} | {v['trainable']:.2%} | {t:.3f} | {t / base_time:.2f}x | "
+            f"{v['saved'] / 2**20:.0f} | {v['saved'] / base_saved:.2f}x |"
+        )
     ours = variants["hycam-ds soft (paper)"]
     for label, name in (("the authors' code", AUTHORS_CODE), ("the simplified expert loop", AUTHORS_LOOP)):
         other = variants[name]
-        print(f"hycam-ds soft vs {label}: {statistics.median(ours['times']) / statistics.median(other['times']):.2f}x time, "
-              f"{ours['saved'] / other['saved']:.2f}x saved activations")
+        print(
+            f"hycam-ds soft vs {label}: "
+            f"{statistics.median(ours['times']) / statistics.median(other['times']):.2f}x time, "
+            f"{ours['saved'] / other['saved']:.2f}x saved activations"
+        )
 
 
 if __name__ == "__main__":

@@ -41,16 +41,26 @@ def main() -> None:
     spec_n = (torch.randn(n, r, r, generator=g) * 0.3).requires_grad_()
     spec_b = (torch.randn(n, r, d, generator=g) * 0.3).requires_grad_()
     noise = torch.randn(t, n, generator=g)
-    grads = (torch.randn(t, d, generator=g), torch.randn(t, n, generator=g) * 1e-3, torch.randn(t, n, generator=g) * 1e-3)
+    grads = (
+        torch.randn(t, d, generator=g),
+        torch.randn(t, n, generator=g) * 1e-3,
+        torch.randn(t, n, generator=g) * 1e-3,
+    )
 
     def step(hard: bool) -> float:
         start = time.perf_counter()
-        out, weights, probs = modulation.modulate_layer(target, target, proj, layout, spec_n, spec_b, noise, 0.5, 0.5, hard)
+        out, weights, probs = modulation.modulate_layer(
+            target, target, proj, layout, spec_n, spec_b, noise, 0.5, 0.5, hard
+        )
         torch.autograd.grad((out, weights, probs), (proj, target, spec_n, spec_b), grads)
         return time.perf_counter() - start
 
-    rows = [("fused CPU kernel", "1", False), ("torch ops", "0", False),
-            ("fused CPU kernel, hard", "1", True), ("torch ops, hard", "0", True)]
+    rows = [
+        ("fused CPU kernel", "1", False),
+        ("torch ops", "0", False),
+        ("fused CPU kernel, hard", "1", True),
+        ("torch ops, hard", "0", True),
+    ]
     times: dict[str, list[float]] = {name: [] for name, _, _ in rows}
     for repeat in range(args.repeats + 3):  # alternating: noise hits both alike; 3 warm-up rounds
         for name, flag, hard in rows:
@@ -58,8 +68,10 @@ def main() -> None:
             elapsed = step(hard)
             if repeat >= 3:
                 times[name].append(elapsed)
-    print(f"\nmodulation forward + backward, T={t}, d={d}, N_s={n}, r={r}, fp32, {args.threads} threads, "
-          f"median of {args.repeats}")
+    print(
+        f"\nmodulation forward + backward, T={t}, d={d}, N_s={n}, r={r}, fp32, {args.threads} threads, "
+        f"median of {args.repeats}"
+    )
     print("| implementation | ms | vs torch ops |")
     print("|---|---|---|")
     for name, _, hard in rows:

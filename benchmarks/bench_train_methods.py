@@ -46,7 +46,9 @@ def make_variant(name: str, vocab: int):
     if name == "lora":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+        model = get_peft_model(
+            model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+        )
         return model, [p for p in model.parameters() if p.requires_grad]
     for p in model.parameters():
         p.requires_grad_(True)
@@ -55,8 +57,11 @@ def make_variant(name: str, vocab: int):
 
 def step(model, optimizer, batch, hycam: bool) -> float:
     start = time.perf_counter()
-    logits = model(input_ids=batch["input_ids"], attention_mask=block_causal_mask(batch["segment_ids"]),
-                   position_ids=batch["position_ids"]).logits
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=block_causal_mask(batch["segment_ids"]),
+        position_ids=batch["position_ids"],
+    ).logits
     labels = batch["labels"][:, 1:]
     loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100)
     if hycam:
@@ -84,8 +89,10 @@ def throughput(data_dir: Path, args) -> None:
             if i >= 2:
                 times.append(tokens[i] / elapsed)
     base = statistics.median(variants["frozen backbone"][2])
-    print(f"\nsmall-llama ({sum(p.numel() for p in variants['full'][0].parameters()) / 1e6:.1f}M parameters), "
-          f"batch {args.batch} x seq {args.seq_len} packed, fp32, median of {args.steps} steps")
+    print(
+        f"\nsmall-llama ({sum(p.numel() for p in variants['full'][0].parameters()) / 1e6:.1f}M parameters), "
+        f"batch {args.batch} x seq {args.seq_len} packed, fp32, median of {args.steps} steps"
+    )
     print("| method | tokens/s | vs frozen backbone |")
     print("|---|---|---|")
     for name, (_, _, rates) in variants.items():
@@ -97,10 +104,22 @@ def zero3_memory(data_dir: Path, args) -> None:
     rows = {}
     for ranks in (1, 2):
         run_dir = Path(tempfile.mkdtemp(prefix=f"bench-zero3-{ranks}-"))
-        overrides = [f"run_dir={run_dir}", f"data.dir={data_dir}", "optim.max_steps=4", "optim.warmup_steps=1",
-                     "logging.eval_every=0", "checkpoint.save_every=0", "checkpoint.export_adapter=false", "logging.progress=false"]
+        overrides = [
+            f"run_dir={run_dir}",
+            f"data.dir={data_dir}",
+            "optim.max_steps=4",
+            "optim.warmup_steps=1",
+            "logging.eval_every=0",
+            "checkpoint.save_every=0",
+            "checkpoint.export_adapter=false",
+            "logging.progress=false",
+        ]
         entry = [str(REPO / "launch/train.py"), "--ds_config", str(REPO / "ds_configs/zero3.json"), *overrides]
-        cmd = [sys.executable, *entry] if ranks == 1 else [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", *entry]
+        cmd = (
+            [sys.executable, *entry]
+            if ranks == 1
+            else [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", *entry]
+        )
         subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True)
         info = json.loads((run_dir / "partition.json").read_text())
         rows[ranks] = (max(info["peak_rss_bytes_per_rank"]), max(info["frozen_bytes_per_rank"]))
@@ -121,8 +140,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     data_dir = Path(tempfile.mkdtemp(prefix="bench-data-")) / "embedded"
-    build_dataset(BuildConfig(recipe=str(REPO / "data_pipeline/recipes/embedded.yaml"), out=str(data_dir),
-                              train_tokenizer=True, seq_len=args.seq_len, progress=False))
+    build_dataset(
+        BuildConfig(
+            recipe=str(REPO / "data_pipeline/recipes/embedded.yaml"),
+            out=str(data_dir),
+            train_tokenizer=True,
+            seq_len=args.seq_len,
+            progress=False,
+        )
+    )
     throughput(data_dir, args)
     zero3_memory(data_dir, args)
 

@@ -5,6 +5,7 @@ with a loss boundary (encode.py) -> packed rows (packing.py) -> shards + manifes
 build.py) -> batches for each rank (reader.py). This package knows nothing of the model or of
 DeepSpeed; its output directory is the contract.
 """
+
 from .build import build_dataset, iter_examples, split_of
 from .config import BuildConfig, Recipe, TaskSpec, load_recipe
 from .examples import BadRow, BuildError, Example
@@ -16,8 +17,31 @@ from .template import TEMPLATES, PromptFormat, format_prompt, prompt_format
 from .tokenizer import load_tokenizer, tokenizer_fingerprint, train_sentencepiece
 
 __all__ = [
-    "BadRow", "BuildConfig", "BuildError", "Example", "PretrainedRef", "PretrainedRefError", "Recipe", "ShardReader", "TaskSpec", "block_causal_mask",
-    "build_dataset", "format_prompt", "iter_documents", "iter_examples", "load_manifest", "load_pretrained_tokenizer", "load_recipe", "load_tokenizer", "parse_pretrained",
-    "split_of", "tokenizer_fingerprint", "train_sentencepiece", "verify",
-    "TEMPLATES", "PromptFormat", "manifest_template", "prompt_format",
+    "BadRow",
+    "BuildConfig",
+    "BuildError",
+    "Example",
+    "PretrainedRef",
+    "PretrainedRefError",
+    "Recipe",
+    "ShardReader",
+    "TaskSpec",
+    "block_causal_mask",
+    "build_dataset",
+    "format_prompt",
+    "iter_documents",
+    "iter_examples",
+    "load_manifest",
+    "load_pretrained_tokenizer",
+    "load_recipe",
+    "load_tokenizer",
+    "parse_pretrained",
+    "split_of",
+    "tokenizer_fingerprint",
+    "train_sentencepiece",
+    "verify",
+    "TEMPLATES",
+    "PromptFormat",
+    "manifest_template",
+    "prompt_format",
 ]

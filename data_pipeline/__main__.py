@@ -1,4 +1,5 @@
 """`python -m data_pipeline build|verify ...`: thin CLI over `build_dataset` and `verify`."""
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     b.add_argument("--vocab-size", type=int, default=None)
     b.add_argument("--seq-len", type=int, default=None)
     b.add_argument("--overlong", choices=("truncate", "drop"), default=None)
-    b.add_argument("--template", choices=TEMPLATES, default=None,
-                   help="prompt format: alpaca (the paper's) or chat (the tokenizer's chat template); default: the recipe's")
+    b.add_argument(
+        "--template",
+        choices=TEMPLATES,
+        default=None,
+        help="prompt format: alpaca (the paper's) or chat (the tokenizer's chat template); default: the recipe's",
+    )
     b.add_argument("--workers", type=int, default=1)
     b.add_argument("--strict", action="store_true", help="stop at the first bad row")
     b.add_argument("--no-progress", action="store_true")
@@ -47,17 +52,29 @@ def main(argv=None) -> int:
             print(f"DAMAGED {problem}", file=sys.stderr)
         print(f"verify {args.dir}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
         return 1 if problems else 0
-    cfg = BuildConfig(recipe=args.recipe, out=args.out, data_root=args.data_root, tokenizer=args.tokenizer,
-                      train_tokenizer=args.train_tokenizer, vocab_size=args.vocab_size, seq_len=args.seq_len,
-                      workers=args.workers, strict=args.strict, overlong=args.overlong, template=args.template,
-                      progress=not args.no_progress)
+    cfg = BuildConfig(
+        recipe=args.recipe,
+        out=args.out,
+        data_root=args.data_root,
+        tokenizer=args.tokenizer,
+        train_tokenizer=args.train_tokenizer,
+        vocab_size=args.vocab_size,
+        seq_len=args.seq_len,
+        workers=args.workers,
+        strict=args.strict,
+        overlong=args.overlong,
+        template=args.template,
+        progress=not args.no_progress,
+    )
     try:
         out = build_dataset(cfg)
     except BuildError as err:
         print(f"build failed: {err}", file=sys.stderr)
         return 2
     manifest = load_manifest(out)
-    summary = {s: {k: v[k] for k in ("sequences", "tokens", "packing_efficiency")} for s, v in manifest["splits"].items()}
+    summary = {
+        s: {k: v[k] for k in ("sequences", "tokens", "packing_efficiency")} for s, v in manifest["splits"].items()
+    }
     print(json.dumps({"out": out, "bad_rows": manifest["bad_rows"]["count"], "splits": summary}, indent=1))
     return 0
 

@@ -4,9 +4,9 @@ Everything is written into a temporary sibling of the output directory, which re
 output only when the build has succeeded: a failed build leaves no partial directory and the
 previous output untouched.
 """
+
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -75,7 +75,7 @@ def _content_key(example: Example) -> bytes:
 
 def split_of(example: Example, fractions: dict) -> str:
     """The example's split, from a hash of its content: adding rows never moves old ones."""
-    u = int.from_bytes(hashlib.sha256(_content_key(example)).digest()[:8], "little") / 2.0 ** 64
+    u = int.from_bytes(hashlib.sha256(_content_key(example)).digest()[:8], "little") / 2.0**64
     acc = 0.0
     for split in SPLITS:
         acc += fractions.get(split, 0.0)
@@ -104,7 +104,13 @@ def iter_examples(recipe: Recipe, report: RowReport, progress: bool = False) -> 
                     continue
                 key = _content_key(row)
                 if len(key) > recipe.max_row_bytes:
-                    report.bad(task.name, source, line, "oversized_row", f"{len(key)} bytes > max_row_bytes {recipe.max_row_bytes}")
+                    report.bad(
+                        task.name,
+                        source,
+                        line,
+                        "oversized_row",
+                        f"{len(key)} bytes > max_row_bytes {recipe.max_row_bytes}",
+                    )
                     continue
                 if recipe.dedupe:
                     digest = hashlib.blake2b(key, digest_size=16).digest()
@@ -126,13 +132,20 @@ def _prepare_tokenizer(out: Path, recipe: Recipe, cfg: BuildConfig):
         source.save_pretrained(str(target))
     else:
         if recipe.template != "alpaca":  # fail before reading the corpus, not after training
-            raise BuildError("tokenizer trained here (--train-tokenizer) has no chat template; use template: alpaca "
-                             "(or give a backbone's tokenizer with --tokenizer)")
+            raise BuildError(
+                "tokenizer trained here (--train-tokenizer) has no chat template; use template: alpaca "
+                "(or give a backbone's tokenizer with --tokenizer)"
+            )
         report = RowReport(recipe.task_names, strict=cfg.strict)  # counts come from the main pass
         stopped: list[BuildError] = []
         try:
-            train_sentencepiece(_train_texts(recipe, report, stopped), target, recipe.tokenizer.vocab_size,
-                                recipe.tokenizer.model_type, recipe.tokenizer.max_sentences)
+            train_sentencepiece(
+                _train_texts(recipe, report, stopped),
+                target,
+                recipe.tokenizer.vocab_size,
+                recipe.tokenizer.model_type,
+                recipe.tokenizer.max_sentences,
+            )
         except RuntimeError:
             if stopped:  # SentencePiece wraps what its input iterator raised: give back the strict-mode error
                 raise stopped[0] from None
@@ -159,9 +172,17 @@ def _build_into(out: Path, recipe: Recipe, cfg: BuildConfig) -> None:
     tok = _prepare_tokenizer(out, recipe, cfg)
     fmt = prompt_format(recipe.template, tok, recipe.system_prompt)
     tail = template_tail_tokens(fmt, lambda text: tok(text, add_special_tokens=False)["input_ids"])
-    policy = DocPolicy(recipe.seq_len, fmt.document_bos(tok, recipe.tokenizer.add_bos), tok.eos_token_id,
-                       recipe.overlong, recipe.min_response_tokens, recipe.response_share, tail, recipe.train_on_prompt,
-                       fmt.append_eos)
+    policy = DocPolicy(
+        recipe.seq_len,
+        fmt.document_bos(tok, recipe.tokenizer.add_bos),
+        tok.eos_token_id,
+        recipe.overlong,
+        recipe.min_response_tokens,
+        recipe.response_share,
+        tail,
+        recipe.train_on_prompt,
+        fmt.append_eos,
+    )
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     dtype = token_dtype(len(tok))
     report = RowReport(recipe.task_names, strict=cfg.strict)
@@ -202,7 +223,7 @@ def _add_chunk(chunk, ids, lengths, policy, recipe, report, packer) -> None:
     for length in lengths:
         offsets.append(offsets[-1] + int(length))
     for i, ex in enumerate(chunk):
-        prompt, response = ids[offsets[i]:offsets[i + 1]], ids[offsets[n + i]:offsets[n + i + 1]]
+        prompt, response = ids[offsets[i] : offsets[i + 1]], ids[offsets[n + i] : offsets[n + i + 1]]
         tokens, loss_start, status = assemble(prompt, response, policy)
         if tokens is None:
             report.policy_drop(ex.task, status)
@@ -225,10 +246,15 @@ class _Packer:
         self.task_ids = {t.name: i for i, t in enumerate(recipe.tasks)}
         self.groups = ["mixed"] if recipe.packing == "mixed" else recipe.task_names
         self.buffers: dict = {}
-        self.writers = {(s, g): ShardWriter(out, s, g, recipe.seq_len, dtype, pad_id, recipe.shard_sequences)
-                        for s in SPLITS for g in self.groups}
+        self.writers = {
+            (s, g): ShardWriter(out, s, g, recipe.seq_len, dtype, pad_id, recipe.shard_sequences)
+            for s in SPLITS
+            for g in self.groups
+        }
         self.lower_bound = {s: 0 for s in SPLITS}  # sum over windows of ceil(tokens / seq_len)
-        self.stats = {(s, t): {"documents": 0, "tokens": 0, "loss_tokens": 0} for s in SPLITS for t in recipe.task_names}
+        self.stats = {
+            (s, t): {"documents": 0, "tokens": 0, "loss_tokens": 0} for s in SPLITS for t in recipe.task_names
+        }
 
     def add(self, split: str, task_id: int, tokens, loss_start: int) -> None:
         group = "mixed" if self.recipe.packing == "mixed" else self.recipe.tasks[task_id].name
@@ -256,8 +282,9 @@ class _Packer:
         return {s: [sh for g in self.groups for sh in self.writers[(s, g)].close()] for s in SPLITS}
 
 
-def _manifest(out: Path, recipe: Recipe, tok, fmt: PromptFormat, dtype, pad_id, report: RowReport, splits: dict,
-              packer) -> dict:
+def _manifest(
+    out: Path, recipe: Recipe, tok, fmt: PromptFormat, dtype, pad_id, report: RowReport, splits: dict, packer
+) -> dict:
     counts = report.summary()
     tasks = []
     for i, task in enumerate(recipe.tasks):
@@ -270,7 +297,9 @@ def _manifest(out: Path, recipe: Recipe, tok, fmt: PromptFormat, dtype, pad_id, 
         shards = splits[s]
         seqs, toks = sum(sh["sequences"] for sh in shards), sum(sh["tokens"] for sh in shards)
         split_info[s] = {
-            "sequences": seqs, "tokens": toks, "documents": sum(sh["documents"] for sh in shards),
+            "sequences": seqs,
+            "tokens": toks,
+            "documents": sum(sh["documents"] for sh in shards),
             "loss_tokens": sum(sh["loss_tokens"] for sh in shards),
             "packing_efficiency": toks / (seqs * recipe.seq_len) if seqs else 1.0,
             "lower_bound_sequences": packer.lower_bound[s],
@@ -279,17 +308,31 @@ def _manifest(out: Path, recipe: Recipe, tok, fmt: PromptFormat, dtype, pad_id, 
     all_seqs = sum(v["sequences"] for v in split_info.values())
     files = sorted(str(p.relative_to(out)) for p in (out / "tokenizer").rglob("*") if p.is_file())
     return {
-        "format": FORMAT, "version": VERSION, "name": recipe.name,
-        "seq_len": recipe.seq_len, "dtype": dtype.str, "pad_id": pad_id,
+        "format": FORMAT,
+        "version": VERSION,
+        "name": recipe.name,
+        "seq_len": recipe.seq_len,
+        "dtype": dtype.str,
+        "pad_id": pad_id,
         # the BOS documents start with, added by the build or written by the chat template
         "bos_id": tok.bos_token_id if recipe.tokenizer.add_bos or fmt.renders_bos else None,
         "eos_id": tok.eos_token_id,
-        "vocab_size": len(tok), "packing": recipe.packing, "template": fmt.describe(),
-        "tokenizer": {"path": "tokenizer", "fingerprint": tokenizer_fingerprint(tok),
-                      "trained_here": recipe.tokenizer.path is None, "source": recipe.tokenizer.path},
-        "recipe": recipe.to_dict(), "recipe_sha256": recipe.sha256(),
-        "tasks": tasks, "splits": split_info,
-        "packing_efficiency": sum(v["tokens"] for v in split_info.values()) / (all_seqs * recipe.seq_len) if all_seqs else 1.0,
+        "vocab_size": len(tok),
+        "packing": recipe.packing,
+        "template": fmt.describe(),
+        "tokenizer": {
+            "path": "tokenizer",
+            "fingerprint": tokenizer_fingerprint(tok),
+            "trained_here": recipe.tokenizer.path is None,
+            "source": recipe.tokenizer.path,
+        },
+        "recipe": recipe.to_dict(),
+        "recipe_sha256": recipe.sha256(),
+        "tasks": tasks,
+        "splits": split_info,
+        "packing_efficiency": sum(v["tokens"] for v in split_info.values()) / (all_seqs * recipe.seq_len)
+        if all_seqs
+        else 1.0,
         "bad_rows": {"count": len(report.bad_rows), "path": "bad_rows.jsonl"},
         "files": {rel: sha256_file(out / rel) for rel in files + ["bad_rows.jsonl"]},
     }

@@ -4,6 +4,7 @@ A recipe YAML mirrors `Recipe`; `BuildConfig` holds what changes per invocation 
 the recipe where both have a say (tokenizer, vocabulary size, sequence length, over-long policy,
 prompt template).
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -6,6 +6,7 @@ runs in the workers too) and encodes them separately (the prompt's length is the
 boundary) with the tokenizer's batched Rust encoder. Work is cut into fixed-size chunks and
 results are consumed in chunk order, so the output never depends on the number of workers.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -53,8 +54,9 @@ def _encode_chunk(examples: list[tuple[str, str, str]]) -> tuple[np.ndarray, np.
 class ChunkEncoder:
     """Renders and encodes chunks of (instruction, input, output) with `workers` processes, results in order."""
 
-    def __init__(self, tokenizer_path: str, workers: int = 1, template: str = "alpaca",
-                 system_prompt: Optional[str] = None):
+    def __init__(
+        self, tokenizer_path: str, workers: int = 1, template: str = "alpaca", system_prompt: Optional[str] = None
+    ):
         self.workers = max(1, workers)
         self.tokenizer_path = tokenizer_path
         self.pool: Optional[mp.pool.Pool] = None
@@ -120,13 +122,15 @@ def assemble(prompt: np.ndarray, response: np.ndarray, policy: DocPolicy) -> tup
         return np.concatenate([head, prompt, response, eos]), _loss_start(len(head) + len(prompt), policy), "ok"
     if policy.overlong == "drop":
         return None, 0, "too_long"
-    reserve = min(len(response) + len(eos), max(policy.min_response_tokens, int(policy.seq_len * policy.response_share)))
+    reserve = min(
+        len(response) + len(eos), max(policy.min_response_tokens, int(policy.seq_len * policy.response_share))
+    )
     budget = policy.seq_len - len(head) - reserve  # room for the prompt
     if len(prompt) > budget:
         tail = min(policy.prompt_tail, len(prompt))
         if budget - tail < 1:
             return None, 0, "prompt_too_long"
-        prompt = np.concatenate([prompt[:budget - tail], prompt[len(prompt) - tail:]])
+        prompt = np.concatenate([prompt[: budget - tail], prompt[len(prompt) - tail :]])
     room = policy.seq_len - len(head) - len(prompt)
     if len(response) + len(eos) <= room:
         tokens = np.concatenate([head, prompt, response, eos])

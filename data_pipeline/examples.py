@@ -4,6 +4,7 @@ Every source adapter turns its raw records into `Example`s or raises `BadRow`; t
 counts each bad row by reason with its file and line (`RowReport`), and `--strict` turns the
 first one into a `BuildError` carrying that same message.
 """
+
 from __future__ import annotations
 
 import collections
@@ -13,17 +14,17 @@ from typing import Any
 # The closed list of reasons a row can be dropped for. `too_long` and `prompt_too_long` come
 # from the over-long policy, not from bad input, so `--strict` does not stop on them.
 BAD_INPUT_REASONS = (
-    "malformed_json",   # the line (or file) is not valid JSON
-    "invalid_utf8",     # bytes that are not UTF-8
-    "not_object",       # the line (or list element) is valid JSON but not an object: a list, number, string, null
-    "missing_field",    # a required field is absent
-    "null_field",       # a required field is null
-    "wrong_type",       # a field is present with a value of the wrong type (a number where text belongs, ...)
-    "empty_response",   # the output is empty or whitespace
-    "empty_prompt",     # instruction and input are both empty
-    "unknown_task",     # the row names a task that the recipe does not list
-    "oversized_row",    # the example's text exceeds the recipe's max_row_bytes (never silently truncated)
-    "duplicate",        # same task, instruction, input and output as an earlier row (recipe dedupe: true)
+    "malformed_json",  # the line (or file) is not valid JSON
+    "invalid_utf8",  # bytes that are not UTF-8
+    "not_object",  # the line (or list element) is valid JSON but not an object: a list, number, string, null
+    "missing_field",  # a required field is absent
+    "null_field",  # a required field is null
+    "wrong_type",  # a field is present with a value of the wrong type (a number where text belongs, ...)
+    "empty_response",  # the output is empty or whitespace
+    "empty_prompt",  # instruction and input are both empty
+    "unknown_task",  # the row names a task that the recipe does not list
+    "oversized_row",  # the example's text exceeds the recipe's max_row_bytes (never silently truncated)
+    "duplicate",  # same task, instruction, input and output as an earlier row (recipe dedupe: true)
 )
 POLICY_REASONS = ("too_long", "prompt_too_long")
 
@@ -37,7 +38,7 @@ class Example:
     input: str
     output: str
     source: str = ""  # file (or generator) it came from, for reports
-    line: int = 0     # 1-based line (or record number) in `source`
+    line: int = 0  # 1-based line (or record number) in `source`
 
 
 class BadRow(Exception):
@@ -120,5 +121,12 @@ class RowReport:
         self.tasks[task].dropped[reason] += 1
 
     def summary(self) -> dict:
-        return {name: {"rows_read": c.rows_read, "kept": c.kept, "truncated": c.truncated,
-                       "dropped": dict(sorted(c.dropped.items()))} for name, c in self.tasks.items()}
+        return {
+            name: {
+                "rows_read": c.rows_read,
+                "kept": c.kept,
+                "truncated": c.truncated,
+                "dropped": dict(sorted(c.dropped.items())),
+            }
+            for name, c in self.tasks.items()
+        }

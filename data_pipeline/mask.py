@@ -1,4 +1,5 @@
 """The attention mask that keeps packed documents apart."""
+
 from __future__ import annotations
 
 import torch

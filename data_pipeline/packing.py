@@ -5,6 +5,7 @@ tightly. Free space is bounded by `capacity`, so open rows are bucketed by free 
 bitmask of non-empty buckets finds the tightest fit in O(1) big-int operations: ~20x faster
 than the usual quadratic first-fit scan, with the same ~1-3% waste.
 """
+
 from __future__ import annotations
 
 from typing import Sequence

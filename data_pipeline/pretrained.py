@@ -11,6 +11,7 @@ Three forms, everywhere a backbone is named (training's `model.path`, evaluation
 A local path is made absolute (every rank and every later job reads the same files); a hub id is
 never rewritten into a path.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -91,8 +92,14 @@ def load_pretrained_tokenizer(ref: str | Path | PretrainedRef):
 
 
 def cannot_load(ref: PretrainedRef, what: str, err: OSError) -> PretrainedRefError:
-    """transformers' OSError (offline and not cached, no such repository, missing files) as one line naming the reference."""
+    """transformers' OSError (offline and not cached, no such repository, missing files) as one line
+    naming the reference."""
     first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
-    hint = " (HF_HUB_OFFLINE is set: only the local Hugging Face cache is read)" if ref.gguf_file is None and not ref.is_local \
-        and os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false") else ""
+    hint = (
+        " (HF_HUB_OFFLINE is set: only the local Hugging Face cache is read)"
+        if ref.gguf_file is None
+        and not ref.is_local
+        and os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false")
+        else ""
+    )
     return PretrainedRefError(f"{ref}: cannot load its {what}: {first}{hint}")

@@ -1,4 +1,5 @@
 """`ShardReader`: memory-mapped packed shards -> training batches, resumable, rank-aware."""
+
 from __future__ import annotations
 
 import copy
@@ -37,25 +38,42 @@ class ShardReader:
     default (None) does so when the split's shards total less than VERIFY_AUTO_BYTES.
     """
 
-    def __init__(self, out_dir: str | Path, split: str = "train", rank: int = 0, world_size: int = 1,
-                 micro_batch_size: int = 4, seed: int = 1234, tokenizer_fingerprint: Optional[str] = None,
-                 task_sampling: str = "mixture", temperature: float = 1.0, drop_last: bool = True,
-                 verify: Optional[bool] = None, template: Optional[str] = None):
+    def __init__(
+        self,
+        out_dir: str | Path,
+        split: str = "train",
+        rank: int = 0,
+        world_size: int = 1,
+        micro_batch_size: int = 4,
+        seed: int = 1234,
+        tokenizer_fingerprint: Optional[str] = None,
+        task_sampling: str = "mixture",
+        temperature: float = 1.0,
+        drop_last: bool = True,
+        verify: Optional[bool] = None,
+        template: Optional[str] = None,
+    ):
         self.out_dir = Path(out_dir)
         self.manifest = load_manifest(self.out_dir)
         ours = self.manifest["tokenizer"]["fingerprint"]
         if tokenizer_fingerprint is not None and tokenizer_fingerprint != ours:
-            raise ValueError(f"tokenizer fingerprint mismatch: the model's tokenizer is {tokenizer_fingerprint} "
-                             f"but the shards in {self.out_dir} were built with {ours}; rebuild them with it")
+            raise ValueError(
+                f"tokenizer fingerprint mismatch: the model's tokenizer is {tokenizer_fingerprint} "
+                f"but the shards in {self.out_dir} were built with {ours}; rebuild them with it"
+            )
         built = manifest_template(self.manifest)["name"]
         if template is not None and template != built:
-            raise ValueError(f"prompt template mismatch: the run expects {template!r} prompts but the shards in "
-                             f"{self.out_dir} were built with {built!r}; rebuild them with --template {template}")
+            raise ValueError(
+                f"prompt template mismatch: the run expects {template!r} prompts but the shards in "
+                f"{self.out_dir} were built with {built!r}; rebuild them with --template {template}"
+            )
         if split not in self.manifest["splits"]:
             raise ValueError(f"no split {split!r} in {self.out_dir} (have {sorted(self.manifest['splits'])})")
         self._check_files(split, verify)
         if task_sampling not in SAMPLINGS or not 0 <= rank < world_size:
-            raise ValueError(f"bad reader arguments: task_sampling={task_sampling!r}, rank={rank}, world_size={world_size}")
+            raise ValueError(
+                f"bad reader arguments: task_sampling={task_sampling!r}, rank={rank}, world_size={world_size}"
+            )
         self.split, self.rank, self.world_size, self.micro_batch_size = split, rank, world_size, micro_batch_size
         self.seed, self.task_sampling, self.temperature = seed, task_sampling, temperature
         self.tasks = [t["name"] for t in self.manifest["tasks"]]
@@ -75,19 +93,32 @@ class ShardReader:
             verify = sum(sum(shard_sizes(self.manifest, sh).values()) for sh in shards) < VERIFY_AUTO_BYTES
         problems = check_shards(self.out_dir, self.manifest, [split], checksums=verify)
         if problems:
-            raise ValueError(f"refusing damaged shards of {self.out_dir} ({split}): {'; '.join(problems)} "
-                             f"(python -m data_pipeline verify {self.out_dir} lists every problem; rebuild the data)")
+            raise ValueError(
+                f"refusing damaged shards of {self.out_dir} ({split}): {'; '.join(problems)} "
+                f"(python -m data_pipeline verify {self.out_dir} lists every problem; rebuild the data)"
+            )
         self.verified = verify
 
     def _check_index(self, path: Path, idx: np.ndarray, rows: int) -> None:
         """Cheap bounds check of a shard's index: every document lies inside its row of the shard."""
         row, start, length, loss_start, task = idx.T
-        ok = (idx.size == 0 or (row.min() >= 0 and row.max() < rows and start.min() >= 0 and length.min() > 0
-              and (start + length).max() <= self.seq_len and loss_start.min() >= 0 and (loss_start <= length).all()
-              and task.min() >= 0 and task.max() < len(self.tasks) and (np.diff(row) >= 0).all()))
+        ok = idx.size == 0 or (
+            row.min() >= 0
+            and row.max() < rows
+            and start.min() >= 0
+            and length.min() > 0
+            and (start + length).max() <= self.seq_len
+            and loss_start.min() >= 0
+            and (loss_start <= length).all()
+            and task.min() >= 0
+            and task.max() < len(self.tasks)
+            and (np.diff(row) >= 0).all()
+        )
         if not ok:
-            raise ValueError(f"refusing damaged shard index {path}: a document lies outside its shard or names no task "
-                             f"(python -m data_pipeline verify {self.out_dir}; rebuild the data)")
+            raise ValueError(
+                f"refusing damaged shard index {path}: a document lies outside its shard or names no task "
+                f"(python -m data_pipeline verify {self.out_dir}; rebuild the data)"
+            )
 
     def _open_shards(self) -> None:
         dtype = np.dtype(self.manifest["dtype"])
@@ -127,7 +158,7 @@ class ShardReader:
         while True:
             if self.split == "train":
                 rows = self.sampler.next_global_batch(self.world_size * self.micro_batch_size)
-                rows = rows[self.rank * self.micro_batch_size:(self.rank + 1) * self.micro_batch_size]
+                rows = rows[self.rank * self.micro_batch_size : (self.rank + 1) * self.micro_batch_size]
             else:
                 rows = self.sampler.next_rows()
                 if rows is None:
@@ -145,21 +176,30 @@ class ShardReader:
             s = int(np.searchsorted(self.shard_start, row, side="right")) - 1
             local = row - int(self.shard_start[s])
             input_ids[b] = self.tokens[s][local]
-            docs = self.index[s][self.row_docs[s][local]:self.row_docs[s][local + 1]]
+            docs = self.index[s][self.row_docs[s][local] : self.row_docs[s][local + 1]]
             for k, (_, start, length, loss_start, task) in enumerate(docs.tolist(), start=1):
                 end = start + length
                 segment_ids[b, start:end] = k
                 position_ids[b, start:end] = self._positions[:length]
                 task_ids[b, start:end] = task
-                labels[b, start + loss_start:end] = input_ids[b, start + loss_start:end]
-        return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
-                "position_ids": torch.from_numpy(position_ids), "segment_ids": torch.from_numpy(segment_ids),
-                "task_ids": torch.from_numpy(task_ids)}
+                labels[b, start + loss_start : end] = input_ids[b, start + loss_start : end]
+        return {
+            "input_ids": torch.from_numpy(input_ids),
+            "labels": torch.from_numpy(labels),
+            "position_ids": torch.from_numpy(position_ids),
+            "segment_ids": torch.from_numpy(segment_ids),
+            "task_ids": torch.from_numpy(task_ids),
+        }
 
     def state_dict(self) -> dict:
         """JSON-serialisable position in the stream; independent of rank (and of world size for train)."""
-        return {"split": self.split, "seed": self.seed, "task_sampling": self.task_sampling,
-                "fingerprint": self.manifest["tokenizer"]["fingerprint"], "sampler": copy.deepcopy(self.sampler.state)}
+        return {
+            "split": self.split,
+            "seed": self.seed,
+            "task_sampling": self.task_sampling,
+            "fingerprint": self.manifest["tokenizer"]["fingerprint"],
+            "sampler": copy.deepcopy(self.sampler.state),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("split", "seed", "task_sampling", "fingerprint"):
@@ -188,5 +228,9 @@ def iter_documents(out_dir: str | Path, split: str = "test", rank: int = 0, worl
         index = np.fromfile(out_dir / shard["index_path"], dtype=INDEX_DTYPE).reshape(-1, len(INDEX_COLUMNS))
         for row, start, length, loss_start, task in index.tolist():
             if counter % world_size == rank:
-                yield {"task_id": task, "tokens": np.asarray(tokens[row, start:start + length], dtype=np.int64), "loss_start": loss_start}
+                yield {
+                    "task_id": task,
+                    "tokens": np.asarray(tokens[row, start : start + length], dtype=np.int64),
+                    "loss_start": loss_start,
+                }
             counter += 1

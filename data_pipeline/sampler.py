@@ -5,6 +5,7 @@ slice of every global batch (`world_size * micro_batch_size` rows), so ranks nev
 within an epoch and together read everything. The state is global (it does not depend on the
 rank), so a run can resume on the same or another number of ranks.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -67,7 +68,7 @@ class TrainSampler:
                 continue
             take = min(size - len(out), n - pos)
             perm = self._perm((2, epoch), n)
-            out.extend(int(r) for r in self.all_rows[perm[pos:pos + take]])
+            out.extend(int(r) for r in self.all_rows[perm[pos : pos + take]])
             self.state["pos"] = pos + take
         self.state["samples"] += size
         return out
@@ -79,7 +80,7 @@ class EvalSampler:
     def __init__(self, rows: np.ndarray, rank: int, world_size: int, micro_batch_size: int, drop_last: bool):
         mine = rows[rank::world_size]
         n_batches = len(mine) // micro_batch_size if drop_last else -(-len(mine) // micro_batch_size)
-        self.batches = [mine[i * micro_batch_size:(i + 1) * micro_batch_size].tolist() for i in range(n_batches)]
+        self.batches = [mine[i * micro_batch_size : (i + 1) * micro_batch_size].tolist() for i in range(n_batches)]
         self.state = {"batches": 0}
 
     def next_rows(self) -> list[int] | None:

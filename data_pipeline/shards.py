@@ -15,6 +15,7 @@ long documents leave with short ones of other tasks) or the task name (recipe pa
 The first document of a row is its longest (best-fit-decreasing), and its task is the row's
 task for task sampling.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -38,8 +39,9 @@ def token_dtype(vocab_size: int) -> np.dtype:
 class ShardWriter:
     """Writes one group's packed rows of one split as fixed-size shards, hashing as it writes."""
 
-    def __init__(self, out: Path, split: str, group: str, seq_len: int,
-                 dtype: np.dtype, pad_id: int, shard_sequences: int):
+    def __init__(
+        self, out: Path, split: str, group: str, seq_len: int, dtype: np.dtype, pad_id: int, shard_sequences: int
+    ):
         self.out, self.split, self.group = out, split, group
         self.seq_len, self.dtype, self.pad_id, self.shard_sequences = seq_len, dtype, pad_id, shard_sequences
         self.shards: list[dict] = []
@@ -50,7 +52,7 @@ class ShardWriter:
         self._rows.extend(rows)
         while len(self._rows) >= self.shard_sequences:
             self._write(self._rows[: self.shard_sequences])
-            self._rows = self._rows[self.shard_sequences:]
+            self._rows = self._rows[self.shard_sequences :]
 
     def close(self) -> list[dict]:
         if self._rows:
@@ -64,19 +66,24 @@ class ShardWriter:
         for r, docs in enumerate(rows):
             start = 0
             for doc, loss_start, task_id in docs:
-                tokens[r, start:start + len(doc)] = doc
+                tokens[r, start : start + len(doc)] = doc
                 index.append((r, start, len(doc), loss_start, task_id))
                 start += len(doc)
         index_arr = np.asarray(index, dtype=INDEX_DTYPE).reshape(-1, len(INDEX_COLUMNS))
         name = f"{self.split}/{self.group}-{len(self.shards):05d}"
         (self.out / self.split).mkdir(parents=True, exist_ok=True)
-        self.shards.append({
-            "path": name + ".bin", "sha256": _write_file(self.out / (name + ".bin"), tokens.tobytes()),
-            "index_path": name + ".idx", "index_sha256": _write_file(self.out / (name + ".idx"), index_arr.tobytes()),
-            "sequences": len(rows),
-            "tokens": int(index_arr[:, 2].sum()), "documents": len(index_arr),
-            "loss_tokens": int((index_arr[:, 2] - np.minimum(index_arr[:, 3], index_arr[:, 2])).sum()),
-        })
+        self.shards.append(
+            {
+                "path": name + ".bin",
+                "sha256": _write_file(self.out / (name + ".bin"), tokens.tobytes()),
+                "index_path": name + ".idx",
+                "index_sha256": _write_file(self.out / (name + ".idx"), index_arr.tobytes()),
+                "sequences": len(rows),
+                "tokens": int(index_arr[:, 2].sum()),
+                "documents": len(index_arr),
+                "loss_tokens": int((index_arr[:, 2] - np.minimum(index_arr[:, 3], index_arr[:, 2])).sum()),
+            }
+        )
 
 
 def _write_file(path: Path, data: bytes) -> str:
@@ -115,8 +122,10 @@ def load_manifest(out_dir: str | Path) -> dict:
         raise ValueError(f"{path}: unsupported format {manifest.get('format')!r} v{manifest.get('version')}")
     if manifest.get("manifest_sha256") != manifest_digest(manifest):
         why = "has no manifest_sha256" if "manifest_sha256" not in manifest else "no longer matches its manifest_sha256"
-        raise ValueError(f"{path}: {why}: edited after the build (or built before manifests were sealed); "
-                         "rebuild the data instead of editing the manifest")
+        raise ValueError(
+            f"{path}: {why}: edited after the build (or built before manifests were sealed); "
+            "rebuild the data instead of editing the manifest"
+        )
     return manifest
 
 
@@ -128,8 +137,10 @@ def manifest_template(manifest: dict) -> dict:
 def shard_sizes(manifest: dict, shard: dict) -> dict:
     """Expected byte size of a shard's .bin and .idx files, from the manifest."""
     itemsize = np.dtype(manifest["dtype"]).itemsize
-    return {shard["path"]: shard["sequences"] * manifest["seq_len"] * itemsize,
-            shard["index_path"]: shard["documents"] * len(INDEX_COLUMNS) * INDEX_DTYPE.itemsize}
+    return {
+        shard["path"]: shard["sequences"] * manifest["seq_len"] * itemsize,
+        shard["index_path"]: shard["documents"] * len(INDEX_COLUMNS) * INDEX_DTYPE.itemsize,
+    }
 
 
 def check_shards(out_dir: str | Path, manifest: dict, splits=None, checksums: bool = True) -> list[str]:

@@ -11,6 +11,7 @@ Two formats, chosen by the recipe's `template`:
 Training (the build), evaluation (prompts read back from the shards) and `launch/generate.py`
 all go through `prompt_format`, so a prompt is rendered the same way everywhere.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -104,10 +105,13 @@ class ChatFormat(PromptFormat):
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         try:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
         except Exception as err:  # jinja raises its own errors (e.g. "system role not supported")
-            raise BuildError(f"tokenizer {self.label}: its chat template cannot render "
-                             f"{[m['role'] for m in messages]}: {err}") from None
+            raise BuildError(
+                f"tokenizer {self.label}: its chat template cannot render " f"{[m['role'] for m in messages]}: {err}"
+            ) from None
 
     def prompt(self, instruction: str, input: str = "") -> str:
         return self._render(self._messages(instruction, input), add_generation_prompt=True)
@@ -117,10 +121,12 @@ class ChatFormat(PromptFormat):
         prompt = self._render(messages, add_generation_prompt=True)
         full = self._render(messages + [{"role": "assistant", "content": output}], add_generation_prompt=False)
         if not full.startswith(prompt):
-            raise BuildError(f"tokenizer {self.label}: its chat template does not render the prompt (with the "
-                             "generation prompt) as a prefix of the full conversation, so there is no loss boundary")
+            raise BuildError(
+                f"tokenizer {self.label}: its chat template does not render the prompt (with the "
+                "generation prompt) as a prefix of the full conversation, so there is no loss boundary"
+            )
         # What follows the end-of-turn token (ChatML's newline) belongs to no turn.
-        return prompt, full[len(prompt):].rstrip()
+        return prompt, full[len(prompt) :].rstrip()
 
     def describe(self) -> dict:
         return {"name": self.name, "system_prompt": self.system_prompt, "end_of_turn_id": self.end_of_turn_id}

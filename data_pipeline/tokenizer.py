@@ -5,6 +5,7 @@ tokenizer_config.json) so that `AutoTokenizer.from_pretrained(dir)` loads it exa
 backbone's. SentencePiece does the training (unigram or BPE); its pieces and scores are then
 re-expressed as a `tokenizers` model, so encoding runs in the fast Rust tokenizer.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,27 +30,44 @@ def load_tokenizer(ref: str | Path):
 def tokenizer_fingerprint(tok) -> str:
     """Stable hash of the vocabulary and the special tokens: equal iff token ids mean the same."""
     vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
-    specials = {name: [getattr(tok, name, None), getattr(tok, name + "_id", None)]
-                for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    specials = {
+        name: [getattr(tok, name, None), getattr(tok, name + "_id", None)]
+        for name in ("bos_token", "eos_token", "pad_token", "unk_token")
+    }
     blob = json.dumps({"vocab": vocab, "specials": specials}, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:32]
 
 
-def train_sentencepiece(texts: Iterable[str], out_dir: str | Path, vocab_size: int,
-                        model_type: str = "bpe", max_sentences: int = 200_000) -> Path:
+def train_sentencepiece(
+    texts: Iterable[str], out_dir: str | Path, vocab_size: int, model_type: str = "bpe", max_sentences: int = 200_000
+) -> Path:
     """Train on `texts`, save an AutoTokenizer-loadable directory at `out_dir`, return it."""
     import sentencepiece as spm
 
     spm.set_random_generator_seed(SPM_SEED)
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type=model_type,
-        pad_id=0, unk_id=1, bos_id=2, eos_id=3, byte_fallback=True, split_digits=True,
+        sentence_iterator=iter(texts),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        pad_id=0,
+        unk_id=1,
+        bos_id=2,
+        eos_id=3,
+        byte_fallback=True,
+        split_digits=True,
         # identity normalisation and kept whitespace: the Rust tokenizer below then needs no
         # normaliser, and code indentation survives the round trip.
-        normalization_rule_name="identity", remove_extra_whitespaces=False,
-        user_defined_symbols=["\n", "\t"], max_sentence_length=1 << 16, input_sentence_size=max_sentences,
-        shuffle_input_sentence=True, num_threads=2, hard_vocab_limit=False, minloglevel=2,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        user_defined_symbols=["\n", "\t"],
+        max_sentence_length=1 << 16,
+        input_sentence_size=max_sentences,
+        shuffle_input_sentence=True,
+        num_threads=2,
+        hard_vocab_limit=False,
+        minloglevel=2,
     )
     out_dir = Path(out_dir)
     _to_hf(model.getvalue(), model_type).save_pretrained(str(out_dir))
@@ -73,8 +91,13 @@ def _to_hf(model_proto: bytes, model_type: str):
         backend = Tokenizer(models.Unigram(pieces, unk_id=sp.unk_id(), byte_fallback=True))
     # SentencePiece's dummy prefix: one "▁" before the text, spaces become "▁", no splitting.
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
-    backend.decoder = decoders.Sequence([decoders.Metaspace(replacement="▁", prepend_scheme="first", split=False),
-                                         decoders.ByteFallback(), decoders.Fuse()])
+    backend.decoder = decoders.Sequence(
+        [
+            decoders.Metaspace(replacement="▁", prepend_scheme="first", split=False),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+        ]
+    )
     return PreTrainedTokenizerFast(tokenizer_object=backend, **SPECIALS)
 
 

@@ -4,7 +4,8 @@ each trained with launch/train.py and evaluated with launch/evaluate.py on the t
 
     python launch/compare.py --backbone runs/backbones/smollm2-135m-instruct --data-root ../shared/data \
         --template chat --out runs/compare-smollm2 --steps 100 --sweep-steps 30
-    python launch/compare.py --backbone-name tiny-llama --recipe data_pipeline/recipes/embedded.yaml --steps 4 --out /tmp/c   # smoke test
+    python launch/compare.py --backbone-name tiny-llama --recipe data_pipeline/recipes/embedded.yaml \
+        --steps 4 --out /tmp/c   # smoke test
 
 Learning rates. With `--sweep-steps S`, every trained method runs each of its candidate learning
 rates (`--lrs` or the defaults below) with the whole run's schedule but stops at step S and is
@@ -60,24 +61,33 @@ class Method:
 
 
 # Full fine-tuning moves every weight and wants a far smaller learning rate than the adapters.
-METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("backbone", trains=False),
-    Method("full", ("method=full",), (3e-5, 1e-5, 1e-4)),
-    Method("lora", ("method=lora",), (1e-3, 3e-4, 3e-3)),
-    Method("cam", ("method=cam",), (1e-3, 3e-4, 3e-3)),
-    Method("hycam", ("method=hycam",), (1e-3, 3e-4, 3e-3)),
-    Method("hycam (no balance loss)", ("method=hycam", "hycam.balance_weight=0.0"), lr_from="hycam"),
-)}
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("backbone", trains=False),
+        Method("full", ("method=full",), (3e-5, 1e-5, 1e-4)),
+        Method("lora", ("method=lora",), (1e-3, 3e-4, 3e-3)),
+        Method("cam", ("method=cam",), (1e-3, 3e-4, 3e-3)),
+        Method("hycam", ("method=hycam",), (1e-3, 3e-4, 3e-3)),
+        Method("hycam (no balance loss)", ("method=hycam", "hycam.balance_weight=0.0"), lr_from="hycam"),
+    )
+}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", help="a backbone: Hugging Face directory, .gguf file or hub id org/name[@revision]")
+    parser.add_argument(
+        "--backbone", help="a backbone: Hugging Face directory, .gguf file or hub id org/name[@revision]"
+    )
     parser.add_argument("--backbone-name", help="or a backbone built in code (for smoke tests)")
     parser.add_argument("--recipe", default="data_pipeline/recipes/hycam5.yaml")
     parser.add_argument("--data-root", help="directory the recipe's paths are relative to (../shared/data)")
-    parser.add_argument("--template", choices=("alpaca", "chat"), default="alpaca",
-                        help="prompt format of the data (chat: the backbone's own chat template)")
+    parser.add_argument(
+        "--template",
+        choices=("alpaca", "chat"),
+        default="alpaca",
+        help="prompt format of the data (chat: the backbone's own chat template)",
+    )
     parser.add_argument("--general-text", help="text for knowledge retention (default: DATA_ROOT/general if it exists)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS))
@@ -87,14 +97,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--warmup-steps", type=int, default=None, help="default: steps / 20")
     parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--sweep-steps", type=int, default=0, help="steps of each learning-rate candidate (0: no sweep)")
-    parser.add_argument("--sweep-eval-batches", type=int, default=None, help="eval-split batches that score a candidate (default: all)")
-    parser.add_argument("--lrs", default="", help="candidates per method, e.g. 'hycam=1e-3,3e-4;full=1e-5' (first = no-sweep default)")
-    parser.add_argument("--save-every", type=int, default=25, help="checkpoint interval of every training run (resume points)")
+    parser.add_argument(
+        "--sweep-steps", type=int, default=0, help="steps of each learning-rate candidate (0: no sweep)"
+    )
+    parser.add_argument(
+        "--sweep-eval-batches", type=int, default=None, help="eval-split batches that score a candidate (default: all)"
+    )
+    parser.add_argument(
+        "--lrs", default="", help="candidates per method, e.g. 'hycam=1e-3,3e-4;full=1e-5' (first = no-sweep default)"
+    )
+    parser.add_argument(
+        "--save-every", type=int, default=25, help="checkpoint interval of every training run (resume points)"
+    )
     parser.add_argument("--max-examples", type=int, default=24, help="greedy generations per task")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--eval-batch-size", type=int, default=8)
-    parser.add_argument("--ppl-rows", type=int, default=None, help="test-split packed rows for perplexity (default: all)")
+    parser.add_argument(
+        "--ppl-rows", type=int, default=None, help="test-split packed rows for perplexity (default: all)"
+    )
     parser.add_argument("--general-tokens", type=int, default=30_000)
     return parser.parse_args(argv)
 
@@ -128,8 +148,21 @@ def build_data(args: argparse.Namespace, out: Path) -> Path:
     data_dir = out / "data"
     if (data_dir / "manifest.json").is_file():
         return data_dir
-    cmd = [sys.executable, "-m", "data_pipeline", "build", "--recipe", args.recipe, "--out", str(data_dir),
-           "--seq-len", str(args.seq_len), "--no-progress", "--workers", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "data_pipeline",
+        "build",
+        "--recipe",
+        args.recipe,
+        "--out",
+        str(data_dir),
+        "--seq-len",
+        str(args.seq_len),
+        "--no-progress",
+        "--workers",
+        "2",
+    ]
     cmd += ["--tokenizer", backbone_ref(args)] if args.backbone else ["--train-tokenizer"]
     if args.data_root:
         cmd += ["--data-root", args.data_root]
@@ -150,11 +183,23 @@ def train_command(plan: Plan, method: Method, run_dir: Path, lr: float, stop_at:
     args = plan.args
     model = [f"model.path={backbone_ref(args)}"] if args.backbone else [f"model.name={args.backbone_name}"]
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, args.steps // 20)
-    cmd = [sys.executable, "launch/train.py", f"run_dir={run_dir}", *model, f"data.dir={plan.data_dir}", *method.overrides,
-           f"optim.lr={lr}", f"optim.max_steps={args.steps}", f"optim.warmup_steps={warmup}",
-           f"optim.micro_batch_size={args.micro_batch}", f"optim.grad_accum={args.grad_accum}",
-           f"model.gradient_checkpointing={str(args.gradient_checkpointing).lower()}", "logging.progress=false",
-           f"checkpoint.save_every={args.save_every}", "checkpoint.resume=auto"]
+    cmd = [
+        sys.executable,
+        "launch/train.py",
+        f"run_dir={run_dir}",
+        *model,
+        f"data.dir={plan.data_dir}",
+        *method.overrides,
+        f"optim.lr={lr}",
+        f"optim.max_steps={args.steps}",
+        f"optim.warmup_steps={warmup}",
+        f"optim.micro_batch_size={args.micro_batch}",
+        f"optim.grad_accum={args.grad_accum}",
+        f"model.gradient_checkpointing={str(args.gradient_checkpointing).lower()}",
+        "logging.progress=false",
+        f"checkpoint.save_every={args.save_every}",
+        "checkpoint.resume=auto",
+    ]
     if stop_at is not None:  # a sweep candidate: the whole schedule, scored on the eval split at stop_at
         cmd += [f"optim.stop_at_step={stop_at}", f"logging.eval_every={stop_at}"]
     else:
@@ -189,8 +234,14 @@ def sweep(plan: Plan, method: Method) -> dict:
             (run_dir / "timing.json").write_text(json.dumps({"train_seconds": wall}))
         loss = eval_loss_at(run_dir, steps)
         loss = loss if loss is not None and math.isfinite(loss) else float("inf")
-        candidates.append({"lr": lr, "eval_loss": loss, "run_dir": str(run_dir),
-                           "train_seconds": json.loads((run_dir / "timing.json").read_text())["train_seconds"]})
+        candidates.append(
+            {
+                "lr": lr,
+                "eval_loss": loss,
+                "run_dir": str(run_dir),
+                "train_seconds": json.loads((run_dir / "timing.json").read_text())["train_seconds"],
+            }
+        )
         print(f"    eval loss {loss:.4f}", flush=True)
     best = min(candidates, key=lambda c: c["eval_loss"])
     record = {"lr": best["lr"], "steps": steps, "candidates": candidates}
@@ -230,8 +281,19 @@ def evaluate(plan: Plan, method: Method, run_dir: Path | None) -> Path:
     if (eval_dir / "report.json").is_file():
         return eval_dir
     args = plan.args
-    cmd = [sys.executable, "launch/evaluate.py", "--out", str(eval_dir), "--max-examples", str(args.max_examples),
-           "--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.eval_batch_size), "--no-progress"]
+    cmd = [
+        sys.executable,
+        "launch/evaluate.py",
+        "--out",
+        str(eval_dir),
+        "--max-examples",
+        str(args.max_examples),
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+        "--batch-size",
+        str(args.eval_batch_size),
+        "--no-progress",
+    ]
     if args.ppl_rows:
         cmd += ["--max-ppl-rows", str(args.ppl_rows)]
     if run_dir is not None:
@@ -246,7 +308,9 @@ def evaluate(plan: Plan, method: Method, run_dir: Path | None) -> Path:
     return eval_dir
 
 
-def row(method: Method, run_dir: Path | None, eval_dir: Path, wall: float, lr: float | None, record: dict | None) -> dict:
+def row(
+    method: Method, run_dir: Path | None, eval_dir: Path, wall: float, lr: float | None, record: dict | None
+) -> dict:
     report = json.loads((eval_dir / "report.json").read_text())
     if run_dir is None:
         trainable, total, curve = 0, None, []
@@ -254,25 +318,43 @@ def row(method: Method, run_dir: Path | None, eval_dir: Path, wall: float, lr: f
         info = RunDir(run_dir).read_info()
         trainable, total = info.trainable_parameters, info.total_parameters
         curve = [(r["step"], r[tags.LM_LOSS]) for r in metrics_rows(run_dir) if r["kind"] == "train"]
-    return {"method": method.name, "tasks": report["tasks"], "average": report["average"], "general_text": report.get("general_text"),
-            "trainable": trainable, "total": total, "train_seconds": wall, "lr": lr, "sweep": record, "loss_curve": curve}
+    return {
+        "method": method.name,
+        "tasks": report["tasks"],
+        "average": report["average"],
+        "general_text": report.get("general_text"),
+        "trainable": trainable,
+        "total": total,
+        "train_seconds": wall,
+        "lr": lr,
+        "sweep": record,
+        "loss_curve": curve,
+    }
 
 
 def table(rows: list[dict]) -> str:
     tasks = list(rows[0]["tasks"])
-    head = ("| method | lr | " + " | ".join(f"{t} ppl / BLEU-4 / ROUGE-L" for t in tasks)
-            + " | avg ppl | avg BLEU-4 | avg ROUGE-L | trainable | train time | general ppl (backbone -> after) |")
+    head = (
+        "| method | lr | "
+        + " | ".join(f"{t} ppl / BLEU-4 / ROUGE-L" for t in tasks)
+        + " | avg ppl | avg BLEU-4 | avg ROUGE-L | trainable | train time | general ppl (backbone -> after) |"
+    )
     lines = [head, "|" + "---|" * (len(tasks) + 8)]
     for r in rows:
-        cells = [f"{r['tasks'][t]['ppl']:.2f} / {r['tasks'][t].get('bleu4', float('nan')):.2f} / "
-                 f"{r['tasks'][t].get('rougeL', float('nan')):.2f}" for t in tasks]
+        cells = [
+            f"{r['tasks'][t]['ppl']:.2f} / {r['tasks'][t].get('bleu4', float('nan')):.2f} / "
+            f"{r['tasks'][t].get('rougeL', float('nan')):.2f}"
+            for t in tasks
+        ]
         avg, general = r["average"], r["general_text"]
         retention = f"{general['backbone_ppl']:.2f} -> {general['ppl']:.2f}" if general else "-"
         trainable = f"{r['trainable']:,} ({100 * r['trainable'] / r['total']:.2f}%)" if r["total"] else "0"
         lr = f"{r['lr']:g}" if r["lr"] is not None else "-"
         wall = f"{r['train_seconds']:.0f} s" if r["total"] else "-"
-        lines.append(f"| {r['method']} | {lr} | " + " | ".join(cells) + f" | {avg['ppl']:.2f} | {avg['bleu4']:.2f} | "
-                     f"{avg['rougeL']:.2f} | {trainable} | {wall} | {retention} |")
+        lines.append(
+            f"| {r['method']} | {lr} | " + " | ".join(cells) + f" | {avg['ppl']:.2f} | {avg['bleu4']:.2f} | "
+            f"{avg['rougeL']:.2f} | {trainable} | {wall} | {retention} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -283,7 +365,9 @@ def sweep_table(rows: list[dict]) -> str:
     lines = ["| method | learning rate | eval-split loss at the sweep step | chosen |", "|---|---|---|---|"]
     for r in swept:
         for c in r["sweep"]["candidates"]:
-            lines.append(f"| {r['method']} | {c['lr']:g} | {c['eval_loss']:.4f} | {'yes' if c['lr'] == r['lr'] else ''} |")
+            lines.append(
+                f"| {r['method']} | {c['lr']:g} | {c['eval_loss']:.4f} | {'yes' if c['lr'] == r['lr'] else ''} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -294,7 +378,9 @@ def samples_markdown(rows: list[dict], out: Path, per_task: int = 2, width: int 
     for r in rows:
         path = out / METHODS[r["method"]].slug / "eval" / "samples.json"
         if path.is_file():
-            by_method[r["method"]] = {(s["task"], s["reference"]): s["hypothesis"] for s in json.loads(path.read_text())}
+            by_method[r["method"]] = {
+                (s["task"], s["reference"]): s["hypothesis"] for s in json.loads(path.read_text())
+            }
     if not by_method:
         return ""
     first = next(iter(by_method.values()))
@@ -309,7 +395,11 @@ def samples_markdown(rows: list[dict], out: Path, per_task: int = 2, width: int 
         if shown.get(task, 0) >= per_task or not all((task, reference) in m for m in by_method.values()):
             continue
         shown[task] = shown.get(task, 0) + 1
-        lines.append(f"| {task} | " + " | ".join([cell(reference), *(cell(m[(task, reference)]) for m in by_method.values())]) + " |")
+        lines.append(
+            f"| {task} | "
+            + " | ".join([cell(reference), *(cell(m[(task, reference)]) for m in by_method.values())])
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -340,8 +430,13 @@ def loss_plot(rows: list[dict], path: Path) -> None:
             # Per-step losses vary more between batches than between methods: each method's raw
             # curve is drawn faint, its running mean over SMOOTH_STEPS steps in full colour.
             (raw,) = ax.plot(steps, losses, linewidth=0.6, alpha=0.3)
-            ax.plot(steps, running_mean(losses, SMOOTH_STEPS), color=raw.get_color(), linewidth=1.6,
-                    label=f"{r['method']} (lr {r['lr']:g})")
+            ax.plot(
+                steps,
+                running_mean(losses, SMOOTH_STEPS),
+                color=raw.get_color(),
+                linewidth=1.6,
+                label=f"{r['method']} (lr {r['lr']:g})",
+            )
     ax.set_xlabel("step")
     ax.set_ylabel(f"train LM loss (response tokens; mean of {SMOOTH_STEPS} steps)")
     ax.set_title("training loss, same backbone, data and token budget")
@@ -356,7 +451,10 @@ def parse_lrs(text: str) -> dict[str, tuple[float, ...]]:
     for part in filter(None, (p.strip() for p in text.split(";"))):
         name, _, values = part.partition("=")
         if name not in METHODS or not METHODS[name].lrs:
-            sys.exit(f"compare.py: --lrs: {name!r} is not a method with its own learning rate ({[n for n, m in METHODS.items() if m.lrs]})")
+            sys.exit(
+                f"compare.py: --lrs: {name!r} is not a method with its own learning rate "
+                f"({[n for n, m in METHODS.items() if m.lrs]})"
+            )
         try:
             lrs[name] = tuple(float(v) for v in values.split(","))
         except ValueError:
@@ -396,7 +494,10 @@ def main(argv: list[str] | None = None) -> int:
             lr = chosen[name]
         rows.append(row(method, run_dir, evaluate(plan, method, run_dir), wall, lr, record))
         avg = rows[-1]["average"]
-        print(f"  average ppl {avg['ppl']:.2f}, BLEU-4 {avg['bleu4']:.2f}, ROUGE-L {avg['rougeL']:.2f}, {wall:.0f} s", flush=True)
+        print(
+            f"  average ppl {avg['ppl']:.2f}, BLEU-4 {avg['bleu4']:.2f}, ROUGE-L {avg['rougeL']:.2f}, {wall:.0f} s",
+            flush=True,
+        )
     (plan.out / "comparison.json").write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=2))
     (plan.out / "comparison.md").write_text(table(rows) + "\n" + sweep_table(rows))
     (plan.out / "samples.md").write_text(samples_markdown(rows, plan.out))

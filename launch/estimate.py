@@ -47,12 +47,24 @@ OFFLOAD_OPTIONS = [("none", "none"), ("none", "cpu"), ("cpu", "cpu")]
 
 ASSUMPTIONS = [
     "model states only: activations, the KV of long sequences and framework/CUDA overheads are not included",
-    "frozen backbone weights in bf16 (2 bytes/param), partitioned over all GPUs (or over the nodes' CPU memory with offload_param=cpu)",
-    "HyCAM parameters train with Adam in mixed precision (bf16 weight and grad, fp32 master weight, momentum, variance): "
-    "DeepSpeed's estimator, 18 bytes/param partitioned plus 4 bytes/param of the largest HyCAM layer, 1.5x buffer factor on CPU",
-    "one backbone module gathered at a time (2 bytes/param of the largest, usually the embedding or LM head); "
-    "stage3_prefetch_bucket_size / stage3_max_live_parameters in the DeepSpeed config can keep more gathered",
-    "zero_init: the backbone is loaded inside deepspeed.zero.Init; CPU memory to read checkpoint shards is not included",
+    (
+        "frozen backbone weights in bf16 (2 bytes/param), partitioned over all GPUs "
+        "(or over the nodes' CPU memory with offload_param=cpu)"
+    ),
+    (
+        "HyCAM parameters train with Adam in mixed precision "
+        "(bf16 weight and grad, fp32 master weight, momentum, variance): "
+        "DeepSpeed's estimator, 18 bytes/param partitioned plus 4 bytes/param of the largest HyCAM layer, "
+        "1.5x buffer factor on CPU"
+    ),
+    (
+        "one backbone module gathered at a time (2 bytes/param of the largest, usually the embedding or LM head); "
+        "stage3_prefetch_bucket_size / stage3_max_live_parameters in the DeepSpeed config can keep more gathered"
+    ),
+    (
+        "zero_init: the backbone is loaded inside deepspeed.zero.Init; "
+        "CPU memory to read checkpoint shards is not included"
+    ),
 ]
 
 
@@ -70,7 +82,9 @@ def resolve_config_path(path: str) -> Path | PretrainedRef:
     try:
         ref = parse_pretrained(path)
     except PretrainedRefError as error:
-        raise EstimateError(f"{error} (pass a config.json file, a directory holding one, a .gguf file or a hub id)") from None
+        raise EstimateError(
+            f"{error} (pass a config.json file, a directory holding one, a .gguf file or a hub id)"
+        ) from None
     if ref.gguf_file is None and candidate.is_dir():
         raise EstimateError(f"{candidate}: no config.json in this directory")
     return ref
@@ -169,17 +183,19 @@ def memory_rows(counts: dict[str, Any], num_nodes: int, gpus_per_node: int) -> l
         on_gpu = offload_param == "none"
         backbone_gpu = backbone_bytes // total_gpus if on_gpu else 0
         backbone_cpu = 0 if on_gpu else backbone_bytes // num_nodes
-        rows.append({
-            "offload_param": offload_param,
-            "offload_optimizer": offload_optimizer,
-            "gpu_backbone_bytes": backbone_gpu,
-            "gpu_gather_bytes": gather_gpu,
-            "gpu_hycam_deepspeed_bytes": hycam_gpu,
-            "gpu_total_bytes": backbone_gpu + gather_gpu + hycam_gpu,
-            "cpu_backbone_bytes": backbone_cpu,
-            "cpu_hycam_deepspeed_bytes": hycam_cpu,
-            "cpu_total_bytes": backbone_cpu + hycam_cpu,
-        })
+        rows.append(
+            {
+                "offload_param": offload_param,
+                "offload_optimizer": offload_optimizer,
+                "gpu_backbone_bytes": backbone_gpu,
+                "gpu_gather_bytes": gather_gpu,
+                "gpu_hycam_deepspeed_bytes": hycam_gpu,
+                "gpu_total_bytes": backbone_gpu + gather_gpu + hycam_gpu,
+                "cpu_backbone_bytes": backbone_cpu,
+                "cpu_hycam_deepspeed_bytes": hycam_cpu,
+                "cpu_total_bytes": backbone_cpu + hycam_cpu,
+            }
+        )
     return rows
 
 
@@ -210,7 +226,12 @@ def estimate(config_path: str, hycam_config: H.HyCAMConfig, num_nodes: int, gpus
         "num_hidden_layers": config.num_hidden_layers,
         "hidden_size": config.hidden_size,
         "vocab_size": config.vocab_size,
-        "hycam": {"num_specialized": hycam_config.num_specialized, "rank": hycam_config.rank, "shared": hycam_config.shared, "bias": hycam_config.bias},
+        "hycam": {
+            "num_specialized": hycam_config.num_specialized,
+            "rank": hycam_config.rank,
+            "shared": hycam_config.shared,
+            "bias": hycam_config.bias,
+        },
         "num_nodes": num_nodes,
         "gpus_per_node": gpus_per_node,
         "total_gpus": num_nodes * gpus_per_node,
@@ -235,27 +256,45 @@ def format_report(report: dict[str, Any]) -> str:
     nodes = report["num_nodes"]
     lines = [
         f"config     {report['config']}",
-        f"backbone   {report['model_type']} {report['architectures']}: {report['num_hidden_layers']} layers, hidden {report['hidden_size']}, vocab {report['vocab_size']}",
-        f"HyCAM      num_specialized={hycam['num_specialized']} rank={hycam['rank']} shared={hycam['shared']} bias={hycam['bias']}",
+        (
+            f"backbone   {report['model_type']} {report['architectures']}: {report['num_hidden_layers']} layers, "
+            f"hidden {report['hidden_size']}, vocab {report['vocab_size']}"
+        ),
+        (
+            f"HyCAM      num_specialized={hycam['num_specialized']} rank={hycam['rank']} "
+            f"shared={hycam['shared']} bias={hycam['bias']}"
+        ),
         f"hardware   {nodes} node(s) x {report['gpus_per_node']} GPU(s) = {report['total_gpus']} GPU(s)",
         "",
         f"backbone parameters (frozen)   {report['backbone_params']:>16,}  {_billions(report['backbone_params'])}",
-        f"HyCAM parameters (trainable)   {report['trainable_params']:>16,}  {_billions(report['trainable_params'])} = {report['trainable_percent_of_backbone']:.2f}% of the backbone",
+        (
+            f"HyCAM parameters (trainable)   {report['trainable_params']:>16,}  "
+            f"{_billions(report['trainable_params'])} = {report['trainable_percent_of_backbone']:.2f}% of the backbone"
+        ),
         f"  per layer ({report['hycam_layers']} layers): {per_layer}",
         "",
         "ZeRO-3 model-state memory, GiB (zero_init=1). Per GPU: frozen bf16 backbone shard + largest",
         "gathered backbone module + DeepSpeed estimator on the HyCAM params. Per node CPU: offloaded",
         "backbone + DeepSpeed estimator on the HyCAM params.",
-        "offload_param offload_optim | GPU: backbone   gather  HyCAM(DS)    TOTAL | CPU/node: backbone HyCAM(DS)    TOTAL",
+        (
+            "offload_param offload_optim | GPU: backbone   gather  HyCAM(DS)    TOTAL "
+            "| CPU/node: backbone HyCAM(DS)    TOTAL"
+        ),
     ]
     for row in report["memory"]:
         lines.append(
-            f"{row['offload_param']:>13} {row['offload_optimizer']:>13} |    {_gib(row['gpu_backbone_bytes'])} {_gib(row['gpu_gather_bytes'])}   {_gib(row['gpu_hycam_deepspeed_bytes'])} {_gib(row['gpu_total_bytes'])} |"
-            f"         {_gib(row['cpu_backbone_bytes'])}  {_gib(row['cpu_hycam_deepspeed_bytes'])} {_gib(row['cpu_total_bytes'])}"
+            f"{row['offload_param']:>13} {row['offload_optimizer']:>13} |    "
+            f"{_gib(row['gpu_backbone_bytes'])} {_gib(row['gpu_gather_bytes'])}   "
+            f"{_gib(row['gpu_hycam_deepspeed_bytes'])} {_gib(row['gpu_total_bytes'])} |"
+            f"         {_gib(row['cpu_backbone_bytes'])}  "
+            f"{_gib(row['cpu_hycam_deepspeed_bytes'])} {_gib(row['cpu_total_bytes'])}"
         )
     full = report["full_finetune_deepspeed"]
     lines += [
-        f"For comparison, DeepSpeed's estimator for full fine-tuning of the backbone (no offload): {full['gpu_bytes'] / GIB:.2f} GiB per GPU, {full['cpu_bytes'] / GIB:.2f} GiB CPU per node.",
+        (
+            "For comparison, DeepSpeed's estimator for full fine-tuning of the backbone (no offload): "
+            f"{full['gpu_bytes'] / GIB:.2f} GiB per GPU, {full['cpu_bytes'] / GIB:.2f} GiB CPU per node."
+        ),
         "",
         "Assumptions:",
         *(f"  - {a}" for a in report["assumptions"]),
@@ -264,8 +303,14 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="a backbone's config.json, a directory holding one, a .gguf file or a hub id org/name[@revision]")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config",
+        required=True,
+        help="a backbone's config.json, a directory holding one, a .gguf file or a hub id org/name[@revision]",
+    )
     parser.add_argument("--num-nodes", type=int, default=1)
     parser.add_argument("--gpus-per-node", type=int, default=8)
     parser.add_argument("--num-specialized", type=int, default=H.HyCAMConfig.num_specialized)

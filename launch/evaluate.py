@@ -42,13 +42,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--data", help="a data_pipeline build directory")
     parser.add_argument("--out", required=True, help="report directory")
     parser.add_argument("--split", default=DEFAULTS.split)
-    parser.add_argument("--max-examples", type=int, default=DEFAULTS.max_examples_per_task,
-                        help="generations per task (0 = no generation)")
+    parser.add_argument(
+        "--max-examples",
+        type=int,
+        default=DEFAULTS.max_examples_per_task,
+        help="generations per task (0 = no generation)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens)
     parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
-    parser.add_argument("--max-ppl-rows", type=int, default=DEFAULTS.max_ppl_rows,
-                        help="packed rows of the split for perplexity (default: all)")
-    parser.add_argument("--general-text", default=DEFAULTS.general_text, help="directory of .txt files for knowledge retention")
+    parser.add_argument(
+        "--max-ppl-rows",
+        type=int,
+        default=DEFAULTS.max_ppl_rows,
+        help="packed rows of the split for perplexity (default: all)",
+    )
+    parser.add_argument(
+        "--general-text", default=DEFAULTS.general_text, help="directory of .txt files for knowledge retention"
+    )
     parser.add_argument("--general-tokens", type=int, default=DEFAULTS.general_max_tokens)
     parser.add_argument("--ds_config", help="DeepSpeed JSON: ZeRO-3 partitions the model across ranks")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -69,15 +79,27 @@ def resolve(args: argparse.Namespace):
         sys.exit("evaluate.py: give --backbone, --backbone-name, --full-model or --run-dir")
     data_dir = Path(args.data)
     tokenizer = load_tokenizer(args.full_model or args.backbone or str(data_dir / "tokenizer"))
-    spec = ModelSpec(backbone_path=args.backbone, backbone_name=args.backbone_name, backbone_seed=args.backbone_seed,
-                     vocab_size=len(tokenizer), adapter=args.adapter, full_model=args.full_model)
+    spec = ModelSpec(
+        backbone_path=args.backbone,
+        backbone_name=args.backbone_name,
+        backbone_seed=args.backbone_seed,
+        vocab_size=len(tokenizer),
+        adapter=args.adapter,
+        full_model=args.full_model,
+    )
     return spec, data_dir, tokenizer
 
 
 def settings_from(args: argparse.Namespace) -> EvalSettings:
-    return EvalSettings(split=args.split, max_examples_per_task=args.max_examples, max_new_tokens=args.max_new_tokens,
-                        batch_size=args.batch_size, max_ppl_rows=args.max_ppl_rows, general_text=args.general_text,
-                        general_max_tokens=args.general_tokens)
+    return EvalSettings(
+        split=args.split,
+        max_examples_per_task=args.max_examples,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        max_ppl_rows=args.max_ppl_rows,
+        general_text=args.general_text,
+        general_max_tokens=args.general_tokens,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,8 +43,12 @@ def main(argv: list[str] | None = None) -> int:
         print("fetch_backbone.py: give a backbone name (see --list)", file=sys.stderr)
         return 2
     try:
-        out = fetch_backbone(args.name, args.out or f"runs/backbones/{args.name}", download_dir=args.download_dir,
-                             progress=not args.no_progress)
+        out = fetch_backbone(
+            args.name,
+            args.out or f"runs/backbones/{args.name}",
+            download_dir=args.download_dir,
+            progress=not args.no_progress,
+        )
     except (FetchError, OSError) as err:
         print(f"fetch_backbone.py: {err}", file=sys.stderr)
         return 2

@@ -39,9 +39,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--sample", action="store_true", help="sample (temperature 0.8) instead of greedy decoding")
     parser.add_argument("--raw", action="store_true", help="use the prompts as they are, without the template")
-    parser.add_argument("--template", choices=TEMPLATES, default=None,
-                        help="prompt format without --run-dir (default alpaca); a run's data decides its own")
-    parser.add_argument("--system-prompt", default=None, help="system turn of --template chat (default: the template's)")
+    parser.add_argument(
+        "--template",
+        choices=TEMPLATES,
+        default=None,
+        help="prompt format without --run-dir (default alpaca); a run's data decides its own",
+    )
+    parser.add_argument(
+        "--system-prompt", default=None, help="system turn of --template chat (default: the template's)"
+    )
     return parser.parse_args(argv)
 
 
@@ -81,7 +87,9 @@ def prompting(args, tokenizer) -> Prompting:
         return Prompting(prompt_format(args.template or "alpaca", tokenizer, args.system_prompt))
     template, add_bos = run_template(Path(args.run_dir))
     if args.template not in (None, template["name"]):
-        sys.exit(f"generate.py: --template {args.template}, but the run {args.run_dir} trained on {template['name']} prompts")
+        sys.exit(
+            f"generate.py: --template {args.template}, but the run {args.run_dir} trained on {template['name']} prompts"
+        )
     return Prompting(prompt_format(template["name"], tokenizer, template.get("system_prompt")), add_bos)
 
 
@@ -92,18 +100,29 @@ def load(args):
         spec, _, tokenizer = run_model_spec(Path(args.run_dir))
     else:
         tokenizer = load_tokenizer(args.tokenizer or args.backbone)
-        spec = ModelSpec(backbone_path=args.backbone, backbone_name=args.backbone_name, backbone_seed=args.backbone_seed,
-                         vocab_size=len(tokenizer), adapter=args.adapter)
+        spec = ModelSpec(
+            backbone_path=args.backbone,
+            backbone_name=args.backbone_name,
+            backbone_seed=args.backbone_seed,
+            vocab_size=len(tokenizer),
+            adapter=args.adapter,
+        )
     model, _ = load_model(spec)
     return model, tokenizer
 
 
 def complete(model, tokenizer, ids: list[int], stops: list[int], args) -> str:
     with torch.no_grad():
-        out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.int64),
-                             max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=0.8 if args.sample else None,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=stops)
-    return tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=True).strip()
+        out = model.generate(
+            input_ids=torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.int64),
+            max_new_tokens=args.max_new_tokens,
+            do_sample=args.sample,
+            temperature=0.8 if args.sample else None,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=stops,
+        )
+    return tokenizer.decode(out[0, len(ids) :].tolist(), skip_special_tokens=True).strip()
 
 
 def main(argv: list[str] | None = None) -> int:

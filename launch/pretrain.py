@@ -16,6 +16,7 @@ Defaults read ../shared/data (general/ for text, the hycam5 recipe for task text
 give `--text-dir` and the embedded recipe. `--resume` continues from the checkpoint that is
 written into `<out>.partial/` every `--ckpt-minutes`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,7 +42,14 @@ from tqdm import tqdm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from any directory
-from data_pipeline import format_prompt, iter_examples, load_recipe, load_tokenizer, split_of, train_sentencepiece  # noqa: E402
+from data_pipeline import (  # noqa: E402
+    format_prompt,
+    iter_examples,
+    load_recipe,
+    load_tokenizer,
+    split_of,
+    train_sentencepiece,
+)
 from data_pipeline.examples import RowReport  # noqa: E402
 from hycam_ds.modeling.fileio import atomic_directory, write_bytes_atomic  # noqa: E402
 
@@ -164,7 +172,7 @@ def general_text(text_dirs: list[str]) -> tuple[list[str], list[str]]:
         for start in range(0, len(lines), HOLDOUT_CHUNK_LINES):
             key = f"{path.name}:{start}".encode()
             u = int.from_bytes(hashlib.sha256(key).digest()[:8], "little") / 2.0**64
-            (held if u < HELD_OUT_FRACTION else train).append(" ".join(lines[start:start + HOLDOUT_CHUNK_LINES]))
+            (held if u < HELD_OUT_FRACTION else train).append(" ".join(lines[start : start + HOLDOUT_CHUNK_LINES]))
     if not held:  # a tiny corpus: still measure on something never trained on
         held.append(train.pop())
     return train, held
@@ -209,10 +217,11 @@ def _chain(*iterables):
 
 def build_data(tok, train_docs: list[str], held_docs: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """One token stream per split: BOS doc EOS BOS doc EOS ... (int32; the vocab may exceed uint16)."""
+
     def encode(docs):
         ids = []
         for i in range(0, len(docs), 256):
-            for row in tok(docs[i:i + 256], add_special_tokens=False)["input_ids"]:
+            for row in tok(docs[i : i + 256], add_special_tokens=False)["input_ids"]:
                 ids.append(tok.bos_token_id)
                 ids.extend(row)
                 ids.append(tok.eos_token_id)
@@ -230,10 +239,18 @@ def build_model(cfg: PretrainConfig, tok):
     if cfg.init:
         return AutoModelForCausalLM.from_pretrained(cfg.init, attn_implementation="sdpa", dtype=torch.float32)
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
-        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
-        max_position_embeddings=cfg.seq_len, rms_norm_eps=1e-5, tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        vocab_size=len(tok),
+        hidden_size=cfg.hidden,
+        intermediate_size=cfg.intermediate,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.heads,
+        max_position_embeddings=cfg.seq_len,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(cfg.seed)
     model = LlamaForCausalLM._from_config(config, attn_implementation="sdpa")
@@ -246,7 +263,7 @@ def eval_blocks(held: torch.Tensor, seq_len: int, limit: int) -> torch.Tensor:
     n = max(1, min(limit, (len(held) - 1) // seq_len))
     if len(held) < seq_len + 1:
         raise SystemExit(f"pretrain.py: held-out text has {len(held)} tokens, fewer than --seq-len + 1")
-    return torch.stack([held[i * seq_len:i * seq_len + seq_len + 1] for i in range(n)]).long()
+    return torch.stack([held[i * seq_len : i * seq_len + seq_len + 1] for i in range(n)]).long()
 
 
 @torch.no_grad()
@@ -255,7 +272,7 @@ def evaluate(model, blocks: torch.Tensor, batch: int) -> float:
     model.eval()
     total = 0.0
     for i in range(0, len(blocks), batch):
-        b = blocks[i:i + batch]
+        b = blocks[i : i + batch]
         logits = model(input_ids=b[:, :-1]).logits
         total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), b[:, 1:].flatten(), reduction="sum").item()
     model.train()
@@ -274,8 +291,12 @@ def lr_at(cfg: PretrainConfig, step: int, progress: float) -> float:
 def make_optimizer(cfg: PretrainConfig, model) -> torch.optim.Optimizer:
     decay = [p for p in model.parameters() if p.dim() >= 2 and not _is_embedding(model, p)]
     keep = [p for p in model.parameters() if not any(p is q for q in decay)]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": keep, "weight_decay": 0.0}],
-                             lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": keep, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+    )
 
 
 def _is_embedding(model, p) -> bool:
@@ -322,7 +343,7 @@ def fit(cfg: PretrainConfig, model, train: torch.Tensor, held_blocks: torch.Tens
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, state.step, progress)
         starts = torch.randint(0, len(train) - cfg.seq_len - 1, (cfg.batch,), generator=gen)
-        block = torch.stack([train[s:s + cfg.seq_len + 1] for s in starts.tolist()]).long()
+        block = torch.stack([train[s : s + cfg.seq_len + 1] for s in starts.tolist()]).long()
         logits = model(input_ids=block[:, :-1]).logits
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), block[:, 1:].flatten())
         opt.zero_grad(set_to_none=True)
@@ -334,7 +355,9 @@ def fit(cfg: PretrainConfig, model, train: torch.Tensor, held_blocks: torch.Tens
         state.seconds = time.time() - start
         state.losses.append((state.step, loss.item()))
         bar.update()
-        bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{state.tokens / max(state.seconds, 1e-9):.0f}", refresh=False)
+        bar.set_postfix(
+            loss=f"{loss.item():.3f}", tok_s=f"{state.tokens / max(state.seconds, 1e-9):.0f}", refresh=False
+        )
         if state.step % cfg.eval_every == 0:
             state.evals.append((state.step, evaluate(model, held_blocks, cfg.batch)))
             bar.write(f"step {state.step}: held-out ppl {state.evals[-1][1]:.1f}, {state.seconds / 60:.1f} min")
@@ -350,8 +373,15 @@ def fit(cfg: PretrainConfig, model, train: torch.Tensor, held_blocks: torch.Tens
 def save_checkpoint(path: Path, model, opt, state: FitState, gen: torch.Generator) -> None:
     """Write then rename: a kill during the write leaves the previous checkpoint intact."""
     buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "state": dataclasses.asdict(state),
-                "generator": gen.get_state()}, buffer)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "state": dataclasses.asdict(state),
+            "generator": gen.get_state(),
+        },
+        buffer,
+    )
     write_bytes_atomic(path, buffer.getvalue())
 
 
@@ -362,21 +392,29 @@ def save(cfg: PretrainConfig, model, tok, state: FitState, n_train: int, n_held:
         return _write_backbone(tmp, cfg, model, tok, state, n_train, n_held, wall_start)
 
 
-def _write_backbone(tmp: Path, cfg: PretrainConfig, model, tok, state: FitState, n_train: int, n_held: int,
-                    wall_start: float) -> dict:
+def _write_backbone(
+    tmp: Path, cfg: PretrainConfig, model, tok, state: FitState, n_train: int, n_held: int, wall_start: float
+) -> dict:
     model.save_pretrained(str(tmp))
     tok.save_pretrained(str(tmp))
     metrics = {
         "params": sum(p.numel() for p in model.parameters()),
         "params_non_embedding": sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n),
-        "steps": state.step, "tokens_seen": state.tokens, "tokens_seen_total": state.tokens + _init_tokens(cfg), "train_tokens": n_train, "held_out_tokens": n_held,
+        "steps": state.step,
+        "tokens_seen": state.tokens,
+        "tokens_seen_total": state.tokens + _init_tokens(cfg),
+        "train_tokens": n_train,
+        "held_out_tokens": n_held,
         "epochs": state.tokens / max(n_train, 1),
-        "held_out_ppl_before": state.evals[0][1], "held_out_ppl_after": state.evals[-1][1],
+        "held_out_ppl_before": state.evals[0][1],
+        "held_out_ppl_after": state.evals[-1][1],
         "held_out_ppl_curve": state.evals,
         "final_train_loss": sum(x for _, x in state.losses[-50:]) / max(1, len(state.losses[-50:])),
-        "tokens_per_s": state.tokens / max(state.seconds, 1e-9), "train_minutes": state.seconds / 60,
+        "tokens_per_s": state.tokens / max(state.seconds, 1e-9),
+        "train_minutes": state.seconds / 60,
         "wall_minutes": (time.time() - wall_start) / 60,  # tokenizer and data included
-        "config": dataclasses.asdict(cfg), "torch_threads": torch.get_num_threads(),
+        "config": dataclasses.asdict(cfg),
+        "torch_threads": torch.get_num_threads(),
     }
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     plot_loss(state, tmp / "loss.png")
@@ -402,8 +440,10 @@ def plot_loss(state: FitState, path: Path) -> None:
     if state.losses:
         steps, losses = zip(*state.losses)
         window = max(1, len(losses) // 100)  # a running mean: single batches are noisy
-        smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
-                  for i in range(len(losses))]
+        smooth = [
+            sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+            for i in range(len(losses))
+        ]
         ax.plot(steps, losses, alpha=0.25, label="train loss")
         ax.plot(steps, smooth, label=f"train loss (mean of {window})")
     es, ppl = zip(*state.evals)
@@ -433,9 +473,12 @@ def main(argv: list[str] | None = None) -> int:
     state = fit(cfg, model, train, eval_blocks(held, cfg.seq_len, cfg.eval_blocks), partial)
     metrics = save(cfg, model, tok, state, len(train), len(held), t0)
     shutil.rmtree(partial, ignore_errors=True)
-    print(f"saved {out}: {state.step} steps, {state.tokens:,} tokens, {metrics['tokens_per_s']:.0f} tokens/s, "
-          f"held-out ppl {metrics['held_out_ppl_before']:.1f} -> {metrics['held_out_ppl_after']:.1f}, "
-          f"{metrics['train_minutes']:.1f} min training, {(time.time() - t0) / 60:.1f} min total", flush=True)
+    print(
+        f"saved {out}: {state.step} steps, {state.tokens:,} tokens, {metrics['tokens_per_s']:.0f} tokens/s, "
+        f"held-out ppl {metrics['held_out_ppl_before']:.1f} -> {metrics['held_out_ppl_after']:.1f}, "
+        f"{metrics['train_minutes']:.1f} min training, {(time.time() - t0) / 60:.1f} min total",
+        flush=True,
+    )
     return 0
 
 

@@ -1,6 +1,7 @@
 """Train HyCAM (or a baseline) on a frozen backbone with DeepSpeed.
 
-    deepspeed --num_gpus N launch/train.py --ds_config ds_configs/zero3.json --config launch/configs/X.yaml [key=value ...]
+    deepspeed --num_gpus N launch/train.py --ds_config ds_configs/zero3.json \
+        --config launch/configs/X.yaml [key=value ...]
     python launch/train.py                      # one process: the embedded default, a few minutes on 2 CPU cores
 
 The YAML mirrors hycam_ds.engine.train_config.TrainConfig; key=value overrides any field
@@ -33,9 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     rank = os.environ.get("RANK", "0")
     # DeepSpeed 0.19 calls a torch.distributed function that torch 2.13 deprecates, every step.
-    warnings.filterwarnings("ignore", message=".*(reduce_scatter_tensor|all_gather_into_tensor).*", category=FutureWarning)
-    logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
-                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+    warnings.filterwarnings(
+        "ignore", message=".*(reduce_scatter_tensor|all_gather_into_tensor).*", category=FutureWarning
+    )
+    logging.basicConfig(
+        level=logging.INFO if rank == "0" else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+    )
     try:
         from hycam_ds.engine.ds_config import load_ds_config
 
@@ -58,8 +63,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     outcome = trainer.fit()
     if outcome == "diverged":
-        logging.getLogger("train").error("stopped at step %d after %d consecutive non-finite steps; the last good "
-                                          "weights are in the latest checkpoint", trainer.step, cfg.optim.max_bad_steps)
+        logging.getLogger("train").error(
+            "stopped at step %d after %d consecutive non-finite steps; the last good "
+            "weights are in the latest checkpoint",
+            trainer.step,
+            cfg.optim.max_bad_steps,
+        )
         trainer.close(success=True)
         return 3
     if outcome == "completed" and cfg.checkpoint.export_adapter:

@@ -1,8 +1,8 @@
 """Shared test options: `--runslow` enables tests marked `slow`."""
+
 import os
 
 import pytest
-
 from run_helpers import REPO
 
 # Keep CPU runs reproducible and avoid oversubscribing the 2 cores of CI machines.
@@ -30,8 +30,16 @@ def embedded_data(tmp_path_factory):
     from data_pipeline import BuildConfig, build_dataset
 
     out = tmp_path_factory.mktemp("data") / "embedded"
-    build_dataset(BuildConfig(recipe=str(REPO / "data_pipeline/recipes/embedded.yaml"), out=str(out),
-                              train_tokenizer=True, vocab_size=3000, seq_len=128, progress=False))
+    build_dataset(
+        BuildConfig(
+            recipe=str(REPO / "data_pipeline/recipes/embedded.yaml"),
+            out=str(out),
+            train_tokenizer=True,
+            vocab_size=3000,
+            seq_len=128,
+            progress=False,
+        )
+    )
     return out
 
 
@@ -62,7 +70,9 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line("| item | case | trials | passed | detail |")
         terminalreporter.write_line("|---|---|---|---|---|")
         for r in _ROWS:
-            terminalreporter.write_line(f"| {r['item']} | {r['case']} | {r['trials']} | {r['passed']} | {r['detail']} |")
+            terminalreporter.write_line(
+                f"| {r['item']} | {r['case']} | {r['trials']} | {r['passed']} | {r['detail']} |"
+            )
 
 
 def _mapped_shm_paths() -> set[str]:

@@ -26,18 +26,31 @@ def run_train(args, nprocs=1, timeout=600, check=True, env=None):
         cmd = [sys.executable, str(REPO / "launch/train.py"), *args]
     else:
         port = str(free_port())
-        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nprocs), "--master_port", port,
-               str(REPO / "launch/train.py"), *args]
+        cmd = [
+            str(Path(sys.executable).parent / "deepspeed"),
+            "--num_gpus",
+            str(nprocs),
+            "--master_port",
+            port,
+            str(REPO / "launch/train.py"),
+            *args,
+        ]
     result = run_in_own_group(cmd, cwd=REPO, env=full_env, timeout=timeout)
     if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}\n--- stderr ---\n{result.stderr[-6000:]}\n--- stdout ---\n{result.stdout[-3000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {result.returncode}\n"
+            f"--- stderr ---\n{result.stderr[-6000:]}\n"
+            f"--- stdout ---\n{result.stdout[-3000:]}"
+        )
     return result
 
 
 def run_in_own_group(cmd, timeout, **kwargs) -> subprocess.CompletedProcess:
     """subprocess.run in a new session; on timeout the whole group is killed (the deepspeed
     launcher's children included, which a plain timeout would leave running as orphans)."""
-    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs)
+    process = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs
+    )
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -53,6 +66,12 @@ def train_losses(run_dir):
 
 
 def quick_args(run_dir, data_dir, steps=6, **extra):
-    args = [f"run_dir={run_dir}", f"data.dir={data_dir}", f"optim.max_steps={steps}", "optim.warmup_steps=1",
-            "logging.progress=false", "optim.micro_batch_size=2"]
+    args = [
+        f"run_dir={run_dir}",
+        f"data.dir={data_dir}",
+        f"optim.max_steps={steps}",
+        "optim.warmup_steps=1",
+        "logging.progress=false",
+        "optim.micro_batch_size=2",
+    ]
     return args + [f"{k}={v}" for k, v in extra.items()]

@@ -4,6 +4,7 @@ Nothing here is copied from a dataset: every example is built from small hand-wr
 lists and templates, deterministically from a seed, so the demo and the tests run anywhere.
 Each generator returns a list of `(instruction, input, output)` tuples.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -13,10 +14,10 @@ from . import arithmetic, code, general, medical, retrieval
 
 GENERATORS = {
     "arithmetic": arithmetic.generate,  # word problems with step-by-step reasoning (Auto-CoT)
-    "code": code.generate,              # tiny Python functions from a description (CodeAlpaca)
-    "medical": medical.generate,        # symptom description -> advice (iCliniq)
-    "general": general.generate,        # general instruction QA (Dolly)
-    "retrieval": retrieval.generate,    # answer read from given passages (WebGPT)
+    "code": code.generate,  # tiny Python functions from a description (CodeAlpaca)
+    "medical": medical.generate,  # symptom description -> advice (iCliniq)
+    "general": general.generate,  # general instruction QA (Dolly)
+    "retrieval": retrieval.generate,  # answer read from given passages (WebGPT)
 }
 
 

@@ -1,23 +1,68 @@
 """General instructions answered from common knowledge (mirrors Dolly)."""
+
 from __future__ import annotations
 
 import random
 
-OPPOSITES = {"hot": "cold", "big": "small", "fast": "slow", "early": "late", "happy": "sad", "light": "dark",
-             "open": "closed", "full": "empty", "strong": "weak", "high": "low", "old": "new", "wet": "dry"}
-ANIMALS = {"cat": "mammal", "eagle": "bird", "salmon": "fish", "frog": "amphibian", "snake": "reptile",
-           "whale": "mammal", "sparrow": "bird", "shark": "fish", "lizard": "reptile", "dog": "mammal",
-           "owl": "bird", "toad": "amphibian", "tuna": "fish", "turtle": "reptile", "horse": "mammal"}
-COLOURS = {"banana": "yellow", "grass": "green", "the sky on a clear day": "blue", "snow": "white",
-           "a ripe tomato": "red", "coal": "black", "an orange": "orange", "a plum": "purple"}
-PLURALS = {"child": "children", "mouse": "mice", "tooth": "teeth", "foot": "feet", "box": "boxes",
-           "city": "cities", "leaf": "leaves", "person": "people", "goose": "geese", "bus": "buses"}
+OPPOSITES = {
+    "hot": "cold",
+    "big": "small",
+    "fast": "slow",
+    "early": "late",
+    "happy": "sad",
+    "light": "dark",
+    "open": "closed",
+    "full": "empty",
+    "strong": "weak",
+    "high": "low",
+    "old": "new",
+    "wet": "dry",
+}
+ANIMALS = {
+    "cat": "mammal",
+    "eagle": "bird",
+    "salmon": "fish",
+    "frog": "amphibian",
+    "snake": "reptile",
+    "whale": "mammal",
+    "sparrow": "bird",
+    "shark": "fish",
+    "lizard": "reptile",
+    "dog": "mammal",
+    "owl": "bird",
+    "toad": "amphibian",
+    "tuna": "fish",
+    "turtle": "reptile",
+    "horse": "mammal",
+}
+COLOURS = {
+    "banana": "yellow",
+    "grass": "green",
+    "the sky on a clear day": "blue",
+    "snow": "white",
+    "a ripe tomato": "red",
+    "coal": "black",
+    "an orange": "orange",
+    "a plum": "purple",
+}
+PLURALS = {
+    "child": "children",
+    "mouse": "mice",
+    "tooth": "teeth",
+    "foot": "feet",
+    "box": "boxes",
+    "city": "cities",
+    "leaf": "leaves",
+    "person": "people",
+    "goose": "geese",
+    "bus": "buses",
+}
 FRUITS = ["apple", "pear", "mango", "grape", "lemon", "cherry", "peach", "kiwi", "melon", "fig"]
 
 
 def _opposite(rng):
     w = rng.choice(sorted(OPPOSITES))
-    return f"What is the opposite of the word \"{w}\"?", "", f"The opposite of \"{w}\" is \"{OPPOSITES[w]}\"."
+    return f'What is the opposite of the word "{w}"?', "", f'The opposite of "{w}" is "{OPPOSITES[w]}".'
 
 
 def _classify(rng):
@@ -33,7 +78,7 @@ def _colour(rng):
 
 def _plural(rng):
     w = rng.choice(sorted(PLURALS))
-    return f"What is the plural of \"{w}\"?", "", f"The plural of \"{w}\" is \"{PLURALS[w]}\"."
+    return f'What is the plural of "{w}"?', "", f'The plural of "{w}" is "{PLURALS[w]}".'
 
 
 def _sort(rng):

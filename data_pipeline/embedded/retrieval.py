@@ -3,14 +3,25 @@
 Facts are invented per example, so the only way to answer is to read the passages; the answer
 cites the passage it used as `[i]`, like WebGPT's quotes.
 """
+
 from __future__ import annotations
 
 import random
 
 SYLLABLES = ["ka", "lo", "mir", "ven", "do", "ra", "sel", "tor", "ni", "bel", "quo", "zan", "fen", "ta"]
 KINDS = ["town", "river", "island", "mountain village", "harbour city"]
-FAMOUS = ["glass bridges", "blue salt", "wooden clocks", "a spring festival", "paper lanterns",
-          "copper bells", "apple cider", "stone towers", "wool blankets", "river boats"]
+FAMOUS = [
+    "glass bridges",
+    "blue salt",
+    "wooden clocks",
+    "a spring festival",
+    "paper lanterns",
+    "copper bells",
+    "apple cider",
+    "stone towers",
+    "wool blankets",
+    "river boats",
+]
 # attribute -> (question template, passage sentence template)
 ATTRIBUTES = {
     "founded": ("When was {n} founded?", "{n} was founded in {v}."),

@@ -3,6 +3,7 @@
 A recipe source spec is a dict whose `type` picks the adapter below; its other keys are the
 adapter's own (see each module's docstring). Paths are relative to the build's data root.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,12 +18,12 @@ from .icliniq import read_icliniq
 from .webgpt import read_clapnq, read_webgpt
 
 ADAPTERS = {
-    "alpaca": read_alpaca,      # Auto-CoT, CodeAlpaca, any alpaca .json/.jsonl/.parquet
+    "alpaca": read_alpaca,  # Auto-CoT, CodeAlpaca, any alpaca .json/.jsonl/.parquet
     "icliniq": read_icliniq,
     "dolly": read_dolly,
     "webgpt": read_webgpt,
     "clapnq": read_clapnq,
-    "hf": read_hf,              # datasets.load_dataset(...)
+    "hf": read_hf,  # datasets.load_dataset(...)
     "embedded": read_embedded,  # the generated default corpus
 }
 

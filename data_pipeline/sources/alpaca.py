@@ -7,6 +7,7 @@ Options of a source spec (all optional except `path`):
   task_field: name of a per-row column holding the task (multi-task files); rows whose task the
               recipe does not list are counted as `unknown_task`
 """
+
 from __future__ import annotations
 
 from pathlib import Path

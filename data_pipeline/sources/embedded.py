@@ -1,4 +1,5 @@
 """The embedded default corpus as a source: examples generated in memory, no files."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -5,6 +5,7 @@ line could not be parsed, so the adapter above never needs its own error handlin
 Bytes are decoded with `surrogateescape`: invalid UTF-8 then shows up as lone surrogates, which
 `examples.check_utf8` reports for the exact field, instead of the whole file failing.
 """
+
 from __future__ import annotations
 
 import json

@@ -4,6 +4,7 @@ Spec keys: `dataset` (first argument of load_dataset, e.g. "json" or "tatsu-lab/
 optional `data_files` (relative to the data root), `name`, `split` (default "train") and
 `fields` (column renames, as for alpaca files). The 'line' of a row is its 1-based index.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,9 +27,14 @@ def read_hf(spec: dict, task: str, root: Path, tasks: list[str]):
     source = f"datasets:{spec['dataset']}"
     for index, record in enumerate(ds, start=1):
         try:
-            example = make_example(task, get_str(record, fields["instruction"]),
-                                   get_str(record, fields["input"], required=False),
-                                   get_str(record, fields["output"]), source, index)
+            example = make_example(
+                task,
+                get_str(record, fields["instruction"]),
+                get_str(record, fields["input"], required=False),
+                get_str(record, fields["output"]),
+                source,
+                index,
+            )
         except BadRow as bad:
             example = bad
         yield task, source, index, example

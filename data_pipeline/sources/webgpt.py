@@ -7,6 +7,7 @@ joined by blank lines, output = the answer; empty answers are counted as `empty_
 ClapNQ (JSONL): instruction = the query, input = passage title + text, output = the last
 non-empty answer.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -42,7 +43,12 @@ def read_webgpt(spec: dict, task: str, root: Path, tasks: list[str]):
         for answer_key, docs_key in ANSWER_SOURCES:
             if docs_key not in docs:
                 continue
-            yield task, str(answers), line, _webgpt_example(record, answer_key, docs[docs_key], task, str(answers), line)
+            yield (
+                task,
+                str(answers),
+                line,
+                _webgpt_example(record, answer_key, docs[docs_key], task, str(answers), line),
+            )
 
 
 def _webgpt_example(record, answer_key, docs, task, source, line):

@@ -57,7 +57,9 @@ def rng_state() -> dict[str, Any]:
         "python": [py[0], list(py[1]), py[2]],
         "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
         "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
-        "cuda": [base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+        "cuda": [base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()]
+        if torch.cuda.is_available()
+        else [],
     }
 
 
@@ -68,7 +70,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
     if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8) for s in state["cuda"]])
+        torch.cuda.set_rng_state_all(
+            [torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8) for s in state["cuda"]]
+        )
 
 
 def write_rank_files(stage: Path, rank: int, trainer_state: dict[str, Any] | None) -> None:
@@ -84,7 +88,10 @@ def publish(root: Path, step: int, keep_last: int, on_point: Callable[[str], Non
     `on_point(name)` is called between the stages (fault-injection tests kill the process there)."""
     stage, final = staging_dir(root, step), root / checkpoint_name(step)
     files = sorted(p for p in stage.rglob("*") if p.is_file())
-    manifest = {"step": step, "files": {str(p.relative_to(stage)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}}
+    manifest = {
+        "step": step,
+        "files": {str(p.relative_to(stage)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files},
+    }
     write_json_atomic(stage / MANIFEST, manifest)
     on_point("manifest")
     replace_directory(stage, final)  # a checkpoint of the same step from an earlier attempt is replaced whole
@@ -164,7 +171,9 @@ def resolve_checkpoint(run_dir: Path, resume: str) -> Path | None:
     else:
         candidate = Path(resume).resolve()
         if candidate.parent != root or not CHECKPOINT_NAME.match(candidate.name):
-            raise CheckpointError(f"checkpoint.resume={resume!r}: not a checkpoint directory of this run ({root}/step_XXXXXXXX)")
+            raise CheckpointError(
+                f"checkpoint.resume={resume!r}: not a checkpoint directory of this run ({root}/step_XXXXXXXX)"
+            )
     if not candidate.is_dir():
         raise CheckpointError(f"{candidate}: no such checkpoint")
     return candidate

@@ -12,6 +12,7 @@ whole step as soon as any rank exits non-zero. `preflight()` proves that every r
 the rendezvous and that the backend moves data between all of them, and names the ranks that
 did not, instead of a bare timeout deep inside the first collective of the model load.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -79,9 +80,13 @@ def stale_extension_locks(max_age_s: float = STALE_BUILD_LOCK_S) -> list[str]:
 def warn_stale_extension_locks() -> None:
     """Say which lock file a hanging init_distributed would wait on (called before it)."""
     for path in stale_extension_locks():
-        log.warning("%s is older than %.0f s: a process killed while building or loading a DeepSpeed op left it, "
-                    "and this job will wait for it forever. Remove it if no build is running (rm %s).",
-                    path, STALE_BUILD_LOCK_S, path)
+        log.warning(
+            "%s is older than %.0f s: a process killed while building or loading a DeepSpeed op left it, "
+            "and this job will wait for it forever. Remove it if no build is running (rm %s).",
+            path,
+            STALE_BUILD_LOCK_S,
+            path,
+        )
 
 
 def _collective_device() -> torch.device:
@@ -97,8 +102,10 @@ def _store() -> dist.Store:
         return dist.distributed_c10d._get_default_store()
     except Exception:  # noqa: BLE001 - private API; fall back to our own client of the same server
         return dist.TCPStore(
-            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-            is_master=False, timeout=datetime.timedelta(seconds=60),
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            is_master=False,
+            timeout=datetime.timedelta(seconds=60),
         )
 
 
@@ -186,7 +193,10 @@ def release_shm_buffers() -> None:
     each run leaked ~70 MB of RAM per rank). Called at exit, and at start for a restart on the same
     address and port (a requeued SLURM job), whose name cannot belong to a live job."""
     env = os.environ
-    pattern = f"/dev/shm/deepspeed_allreduce_buffer_*_{env.get('MASTER_ADDR', '')}_{env.get('MASTER_PORT', '')}_{env.get('RANK', '')}"
+    pattern = (
+        "/dev/shm/deepspeed_allreduce_buffer_*"
+        f"_{env.get('MASTER_ADDR', '')}_{env.get('MASTER_PORT', '')}_{env.get('RANK', '')}"
+    )
     for path in glob.glob(pattern):
         with contextlib.suppress(OSError):
             os.unlink(path)

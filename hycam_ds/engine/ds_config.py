@@ -35,42 +35,73 @@ def _fill(node: dict, key: str, value: Any, where: str, source: str) -> None:
     if current == "auto":
         node[key] = value
         return
-    if isinstance(value, float) and isinstance(current, (int, float)) and abs(current - value) <= 1e-12 * max(1.0, abs(value)):
+    if (
+        isinstance(value, float)
+        and isinstance(current, (int, float))
+        and abs(current - value) <= 1e-12 * max(1.0, abs(value))
+    ):
         return
     if current != value:
-        raise ConfigError(f"DeepSpeed config {where}={current!r} disagrees with {source}={value!r}: set one of them to the other (or \"auto\")")
+        raise ConfigError(
+            f"DeepSpeed config {where}={current!r} disagrees with {source}={value!r}: "
+            'set one of them to the other (or "auto")'
+        )
 
 
 def resolve_ds_config(raw: dict[str, Any], cfg: TrainConfig, world_size: int, bf16: bool) -> dict[str, Any]:
     """The DeepSpeed config this run uses: `raw` with every "auto" filled, consistency checked."""
     ds = copy.deepcopy(raw)
     optim = cfg.optim
-    _fill(ds, "train_micro_batch_size_per_gpu", optim.micro_batch_size, "train_micro_batch_size_per_gpu", "optim.micro_batch_size")
+    _fill(
+        ds,
+        "train_micro_batch_size_per_gpu",
+        optim.micro_batch_size,
+        "train_micro_batch_size_per_gpu",
+        "optim.micro_batch_size",
+    )
     _fill(ds, "gradient_accumulation_steps", optim.grad_accum, "gradient_accumulation_steps", "optim.grad_accum")
     global_batch = optim.micro_batch_size * optim.grad_accum * world_size
-    _fill(ds, "train_batch_size", global_batch, "train_batch_size",
-          f"optim.micro_batch_size x optim.grad_accum x world size ({optim.micro_batch_size} x {optim.grad_accum} x {world_size})")
+    _fill(
+        ds,
+        "train_batch_size",
+        global_batch,
+        "train_batch_size",
+        "optim.micro_batch_size x optim.grad_accum x world size "
+        f"({optim.micro_batch_size} x {optim.grad_accum} x {world_size})",
+    )
     _fill(ds, "gradient_clipping", optim.grad_clip, "gradient_clipping", "optim.grad_clip")
     bf16_section = ds.setdefault("bf16", {})
     _fill(bf16_section, "enabled", bf16, "bf16.enabled", f"optim.precision={optim.precision!r} on this hardware")
     if ds.get("fp16", {}).get("enabled") is True:
-        raise ConfigError("DeepSpeed config fp16.enabled=true: HyCAM trains in bf16 or fp32 (fp16 loss scaling is not supported here)")
+        raise ConfigError(
+            "DeepSpeed config fp16.enabled=true: HyCAM trains in bf16 or fp32 (fp16 loss scaling is not supported here)"
+        )
     optimizer = ds.get("optimizer")
     if optimizer is not None:
         params = optimizer.setdefault("params", {})
-        for key, value, source in (("lr", optim.lr, "optim.lr"), ("betas", list(optim.betas), "optim.betas"),
-                                   ("eps", optim.eps, "optim.eps"), ("weight_decay", optim.weight_decay, "optim.weight_decay")):
+        for key, value, source in (
+            ("lr", optim.lr, "optim.lr"),
+            ("betas", list(optim.betas), "optim.betas"),
+            ("eps", optim.eps, "optim.eps"),
+            ("weight_decay", optim.weight_decay, "optim.weight_decay"),
+        ):
             _fill(params, key, value, f"optimizer.params.{key}", source)
     scheduler = ds.get("scheduler")
     if scheduler is not None:
         params = scheduler.setdefault("params", {})
         if scheduler.get("type") == "WarmupCosineLR":
             _fill(params, "total_num_steps", optim.max_steps, "scheduler.params.total_num_steps", "optim.max_steps")
-            _fill(params, "warmup_num_steps", optim.warmup_steps, "scheduler.params.warmup_num_steps", "optim.warmup_steps")
+            _fill(
+                params,
+                "warmup_num_steps",
+                optim.warmup_steps,
+                "scheduler.params.warmup_num_steps",
+                "optim.warmup_steps",
+            )
             _fill(params, "cos_min_ratio", optim.min_lr_ratio, "scheduler.params.cos_min_ratio", "optim.min_lr_ratio")
     leftover = _find_auto(ds)
     if leftover:
-        raise ConfigError(f"DeepSpeed config {leftover}=\"auto\": hycam-ds does not know how to fill it; give a value")
+        raise ConfigError(f'DeepSpeed config {leftover}="auto": hycam-ds does not know how to fill it; give a value')
     return ds
 
 

@@ -35,8 +35,14 @@ def _parse(text: str) -> list[Fault]:
     for item in filter(None, (part.strip() for part in text.split(","))):
         kind, *pairs = item.split(":")
         values = dict(pair.split("=", 1) for pair in pairs)
-        faults.append(Fault(kind, int(values["rank"]) if "rank" in values else None,
-                            int(values["step"]) if "step" in values else None, values.get("point")))
+        faults.append(
+            Fault(
+                kind,
+                int(values["rank"]) if "rank" in values else None,
+                int(values["step"]) if "step" in values else None,
+                values.get("point"),
+            )
+        )
     return faults
 
 
@@ -44,7 +50,10 @@ _FAULTS = _parse(os.environ.get(ENV, ""))
 
 
 def active(kind: str, rank: int, step: int, point: str | None = None) -> bool:
-    return any(f.kind == kind and f.rank in (None, rank) and f.step in (None, step) and f.point in (None, point) for f in _FAULTS)
+    return any(
+        f.kind == kind and f.rank in (None, rank) and f.step in (None, step) and f.point in (None, point)
+        for f in _FAULTS
+    )
 
 
 def at_step_start(rank: int, step: int) -> None:

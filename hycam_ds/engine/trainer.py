@@ -23,19 +23,26 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..modeling.fileio import write_json_atomic
+from ..modeling.injection import (
+    has_hycam,
+    has_router,
+    load_noise_state_dict,
+    noise_state_dict,
+    set_noise_seed,
+    set_record_stats,
+)
+from ..modeling.losses import balance_loss
+from ..modeling.stats import routing_stats
 from . import checkpointing as ckpt
 from . import faults
-from .distributed import gather_ints, init_process_group, all_reduce_sum, release_shm_buffers
-from .ds_config import resolve_ds_config, zero_stage
-from ..modeling.fileio import write_json_atomic
-from ..modeling.injection import has_hycam, has_router, load_noise_state_dict, noise_state_dict, set_noise_seed, set_record_stats
-from .lm_loss import add_task_sums, packed_token_losses, perplexity, task_losses
-from ..modeling.losses import balance_loss
-from .methods import BackboneLoader, adapt, count_parameters
-from ..modeling.stats import routing_stats
 from . import telemetry as tags
-from .telemetry import CollapseDetector, Telemetry, routing_scalars
+from .distributed import all_reduce_sum, gather_ints, init_process_group, release_shm_buffers
+from .ds_config import resolve_ds_config, zero_stage
+from .lm_loss import add_task_sums, packed_token_losses, perplexity, task_losses
+from .methods import BackboneLoader, adapt, count_parameters
 from .run_dir import RunDir, RunInfo
+from .telemetry import CollapseDetector, Telemetry, routing_scalars
 from .train_config import TrainConfig, effective_hycam_config
 
 log = logging.getLogger(__name__)
@@ -61,8 +68,13 @@ def tokenizer_reference(ref: str) -> str:
 
 def data_cache_key(cfg: TrainConfig) -> str:
     recipe = Path(cfg.data.recipe)
-    described = {"recipe": recipe.read_text(), "seq_len": cfg.data.seq_len, "vocab_size": cfg.data.vocab_size,
-                 "tokenizer": cfg.model.path, "data_root": cfg.data.data_root}
+    described = {
+        "recipe": recipe.read_text(),
+        "seq_len": cfg.data.seq_len,
+        "vocab_size": cfg.data.vocab_size,
+        "tokenizer": cfg.model.path,
+        "data_root": cfg.data.data_root,
+    }
     if cfg.data.template is not None:  # unset, the recipe's own template builds, and the recipe text is hashed
         described["template"] = cfg.data.template
     return f"{recipe.stem}-{hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:12]}"
@@ -104,9 +116,13 @@ class Trainer:
         self.maybe_resume()
         # A resumed run rewrites history from its checkpoint on: metrics of steps after it (a run
         # killed past its last checkpoint) are dropped, TensorBoard purges them (purge_step).
-        self.telemetry = Telemetry(self.run_dir, self.rank == 0, self.cfg.logging.tensorboard,
-                                   CollapseDetector(self.cfg.logging.collapse_threshold, self.cfg.logging.collapse_patience),
-                                   resume_step=self.step if self.step > 0 else None)
+        self.telemetry = Telemetry(
+            self.run_dir,
+            self.rank == 0,
+            self.cfg.logging.tensorboard,
+            CollapseDetector(self.cfg.logging.collapse_threshold, self.cfg.logging.collapse_patience),
+            resume_step=self.step if self.step > 0 else None,
+        )
 
     def _resolve_bf16(self) -> bool:
         precision = self.cfg.optim.precision
@@ -115,28 +131,50 @@ class Trainer:
         return precision == "bf16"
 
     def build_data(self) -> None:
-        from data_pipeline import (BuildConfig, ShardReader, build_dataset, load_tokenizer, manifest_template,
-                                   tokenizer_fingerprint)
+        from data_pipeline import (
+            BuildConfig,
+            ShardReader,
+            build_dataset,
+            load_tokenizer,
+            manifest_template,
+            tokenizer_fingerprint,
+        )
 
         data_dir = self.cfg.data.dir
         if data_dir is None:
             data_dir = str(Path(self.cfg.data.cache_dir) / data_cache_key(self.cfg))
             if self.rank == 0 and not (Path(data_dir) / "manifest.json").is_file():
                 log.info("building %s into %s", self.cfg.data.recipe, data_dir)
-                build_dataset(BuildConfig(recipe=self.cfg.data.recipe, out=data_dir, data_root=self.cfg.data.data_root,
-                                          tokenizer=self.cfg.model.path, train_tokenizer=self.cfg.model.path is None,
-                                          vocab_size=self.cfg.data.vocab_size, seq_len=self.cfg.data.seq_len,
-                                          template=self.cfg.data.template))
+                build_dataset(
+                    BuildConfig(
+                        recipe=self.cfg.data.recipe,
+                        out=data_dir,
+                        data_root=self.cfg.data.data_root,
+                        tokenizer=self.cfg.model.path,
+                        train_tokenizer=self.cfg.model.path is None,
+                        vocab_size=self.cfg.data.vocab_size,
+                        seq_len=self.cfg.data.seq_len,
+                        template=self.cfg.data.template,
+                    )
+                )
             dist.barrier()
         self.data_dir = Path(data_dir)
         tokenizer_path = self.cfg.model.path or str(self.data_dir / "tokenizer")
         self.tokenizer = load_tokenizer(tokenizer_path)
         self.tokenizer_ref = tokenizer_reference(tokenizer_path)
         fingerprint = tokenizer_fingerprint(self.tokenizer)
-        self.reader = ShardReader(self.data_dir, "train", self.rank, self.world, self.cfg.optim.micro_batch_size,
-                                  seed=self.cfg.data.seed, tokenizer_fingerprint=fingerprint,
-                                  task_sampling=self.cfg.data.task_sampling, temperature=self.cfg.data.temperature,
-                                  template=self.cfg.data.template)
+        self.reader = ShardReader(
+            self.data_dir,
+            "train",
+            self.rank,
+            self.world,
+            self.cfg.optim.micro_batch_size,
+            seed=self.cfg.data.seed,
+            tokenizer_fingerprint=fingerprint,
+            task_sampling=self.cfg.data.task_sampling,
+            temperature=self.cfg.data.temperature,
+            template=self.cfg.data.template,
+        )
         self.fingerprint = fingerprint
         self.tasks = self.reader.tasks
         self.template = manifest_template(self.reader.manifest)
@@ -157,18 +195,39 @@ class Trainer:
         self.routes = has_router(self.model)
         if self.is_hycam:
             set_noise_seed(self.model, rank_noise_seed(self.hycam_config.seed, self.rank))
-        local_bytes = sum(int(getattr(p, "ds_tensor", p).numel()) * p.element_size() for p in self.model.parameters() if not p.requires_grad)
+        local_bytes = sum(
+            int(getattr(p, "ds_tensor", p).numel()) * p.element_size()
+            for p in self.model.parameters()
+            if not p.requires_grad
+        )
         per_rank = gather_ints(local_bytes)
         if self.rank == 0:
             # What ZeRO-3 left on each rank of the frozen backbone: about total / world.
-            self.layout.update_partition(world_size=self.world, frozen_bytes_per_rank=per_rank, zero_stage=zero_stage(self.ds_config))
+            self.layout.update_partition(
+                world_size=self.world, frozen_bytes_per_rank=per_rank, zero_stage=zero_stage(self.ds_config)
+            )
             # What launch/evaluate.py --run-dir needs to rebuild this run's model and data.
-            self.layout.write_info(RunInfo(data_dir=str(self.data_dir.resolve()), tokenizer=self.tokenizer_ref, method=self.cfg.method,
-                                           model=self.cfg.to_dict()["model"], template=self.template,
-                                           trainable_parameters=self.trainable, total_parameters=self.total))
-            log.info("method=%s: %s trainable of %s parameters (%.3f%%), ZeRO stage %d, %s, world %d",
-                     self.cfg.method, f"{self.trainable:,}", f"{self.total:,}", 100 * self.trainable / self.total,
-                     zero_stage(self.ds_config), "bf16" if self.bf16 else "fp32", self.world)
+            self.layout.write_info(
+                RunInfo(
+                    data_dir=str(self.data_dir.resolve()),
+                    tokenizer=self.tokenizer_ref,
+                    method=self.cfg.method,
+                    model=self.cfg.to_dict()["model"],
+                    template=self.template,
+                    trainable_parameters=self.trainable,
+                    total_parameters=self.total,
+                )
+            )
+            log.info(
+                "method=%s: %s trainable of %s parameters (%.3f%%), ZeRO stage %d, %s, world %d",
+                self.cfg.method,
+                f"{self.trainable:,}",
+                f"{self.total:,}",
+                100 * self.trainable / self.total,
+                zero_stage(self.ds_config),
+                "bf16" if self.bf16 else "fp32",
+                self.world,
+            )
 
     # ------------------------------------------------------------------ checkpoints
     def maybe_resume(self) -> None:
@@ -179,8 +238,10 @@ class Trainer:
         ckpt.check_pickles_are_data(checkpoint)
         state = json.loads((checkpoint / "trainer_state.json").read_text())
         if state["world_size"] != self.world:
-            raise ckpt.CheckpointError(f"{checkpoint}: saved with {state['world_size']} ranks, this job has {self.world}; "
-                                       "ZeRO partitions cannot be reused across world sizes here")
+            raise ckpt.CheckpointError(
+                f"{checkpoint}: saved with {state['world_size']} ranks, this job has {self.world}; "
+                "ZeRO partitions cannot be reused across world sizes here"
+            )
         self.engine.load_checkpoint(str(checkpoint), tag=ckpt.ENGINE_TAG, load_module_strict=False)
         self.reader.load_state_dict(state["reader"])
         if self.is_hycam:
@@ -204,15 +265,26 @@ class Trainer:
         counts = gather_ints(noise_state_dict(self.model)["forward_count"] if self.is_hycam else 0)
         state = None
         if self.rank == 0:
-            state = {"step": self.step, "world_size": self.world, "reader": self.reader.state_dict(),
-                     "noise": noise_state_dict(self.model) if self.is_hycam else None, "noise_forward_counts": counts,
-                     "skipped_steps": self.skipped_steps, "config": self.cfg.to_dict(), "data_dir": str(self.data_dir)}
+            state = {
+                "step": self.step,
+                "world_size": self.world,
+                "reader": self.reader.state_dict(),
+                "noise": noise_state_dict(self.model) if self.is_hycam else None,
+                "noise_forward_counts": counts,
+                "skipped_steps": self.skipped_steps,
+                "config": self.cfg.to_dict(),
+                "data_dir": str(self.data_dir),
+            }
         ckpt.write_rank_files(stage, self.rank, state)
         faults.at_save_point(self.rank, self.step, "rank_files")
         dist.barrier()
         if self.rank == 0:
-            final = ckpt.publish(self.ckpt_root, self.step, self.cfg.checkpoint.keep_last,
-                                 on_point=lambda point: faults.at_save_point(self.rank, self.step, point))
+            final = ckpt.publish(
+                self.ckpt_root,
+                self.step,
+                self.cfg.checkpoint.keep_last,
+                on_point=lambda point: faults.at_save_point(self.rank, self.step, point),
+            )
             log.info("checkpoint %s", final)
         dist.barrier()
 
@@ -229,7 +301,9 @@ class Trainer:
         task_sums = torch.zeros(len(self.tasks), 2, dtype=torch.float64)
         lm_sum, balance_sum = 0.0, 0.0
         weight = self.hycam_config.balance_weight if self.routes else 0.0
-        fingerprint = sum(int(hashlib.sha256(mb["input_ids"].numpy().tobytes()).hexdigest()[:8], 16) for mb in micro_batches)
+        fingerprint = sum(
+            int(hashlib.sha256(mb["input_ids"].numpy().tobytes()).hexdigest()[:8], 16) for mb in micro_batches
+        )
         hook = None
         if faults.active("nan_grad", self.rank, self.step + 1):
             first = next(p for p in self.engine.module.parameters() if p.requires_grad)
@@ -252,20 +326,38 @@ class Trainer:
             add_task_sums(task_sums, losses, mask, mb["task_ids"])
         if hook is not None:
             hook.remove()
-        totals = all_reduce_sum(torch.cat([torch.tensor([lm_sum, balance_sum / accum, float(fingerprint % 2**24)], dtype=torch.float64),
-                                                 task_sums.flatten().float()]))
+        totals = all_reduce_sum(
+            torch.cat(
+                [
+                    torch.tensor([lm_sum, balance_sum / accum, float(fingerprint % 2**24)], dtype=torch.float64),
+                    task_sums.flatten().float(),
+                ]
+            )
+        )
         task_totals = totals[3:].view(len(self.tasks), 2)
-        task_loss = {t: float(task_totals[i, 0] / task_totals[i, 1]) for i, t in enumerate(self.tasks) if task_totals[i, 1] > 0}
+        task_loss = {
+            t: float(task_totals[i, 0] / task_totals[i, 1]) for i, t in enumerate(self.tasks) if task_totals[i, 1] > 0
+        }
         lm = float(totals[0]) / max(global_tokens, 1.0)
         grad_norm = self.engine.get_global_grad_norm()
         finite = math.isfinite(lm) and (grad_norm is None or math.isfinite(float(grad_norm)))
-        return StepResult(lm_loss=lm, balance_loss=float(totals[1]) / world, tokens=int(global_tokens),
-                          input_tokens=int(global_inputs), task_loss=task_loss, finite=finite,
-                          batch_fingerprint=int(totals[2]))
+        return StepResult(
+            lm_loss=lm,
+            balance_loss=float(totals[1]) / world,
+            tokens=int(global_tokens),
+            input_tokens=int(global_inputs),
+            task_loss=task_loss,
+            finite=finite,
+            batch_fingerprint=int(totals[2]),
+        )
 
     def _weights_checksum(self) -> float:
         """Sum of every trainable value (over the ZeRO partitions of all ranks): a skipped step leaves it unchanged."""
-        local = sum(float(getattr(p, "ds_tensor", p).detach().double().sum()) for p in self.engine.module.parameters() if p.requires_grad)
+        local = sum(
+            float(getattr(p, "ds_tensor", p).detach().double().sum())
+            for p in self.engine.module.parameters()
+            if p.requires_grad
+        )
         return float(all_reduce_sum(torch.tensor([local], dtype=torch.float64))[0])
 
     # ------------------------------------------------------------------ fit
@@ -279,8 +371,14 @@ class Trainer:
         guard = PreemptionGuard()
         batches: Iterator = iter(self.reader)
         stop_at = cfg.optim.stop_at_step or cfg.optim.max_steps
-        bar = tqdm(total=cfg.optim.max_steps, initial=self.step, desc=f"train {cfg.method}", unit="step",
-                   disable=self.rank != 0 or not cfg.logging.progress, dynamic_ncols=True)
+        bar = tqdm(
+            total=cfg.optim.max_steps,
+            initial=self.step,
+            desc=f"train {cfg.method}",
+            unit="step",
+            disable=self.rank != 0 or not cfg.logging.progress,
+            dynamic_ncols=True,
+        )
         outcome = "completed"
         bad_streak = 0
         try:
@@ -296,8 +394,12 @@ class Trainer:
                 bad_streak = 0 if result.finite else bad_streak + 1
                 if not result.finite:
                     self.skipped_steps += 1
-                    log.warning("rank %d: step %d skipped: non-finite loss or gradient (weights unchanged; %d in a row)",
-                                self.rank, self.step, bad_streak)
+                    log.warning(
+                        "rank %d: step %d skipped: non-finite loss or gradient (weights unchanged; %d in a row)",
+                        self.rank,
+                        self.step,
+                        bad_streak,
+                    )
                 if record or not result.finite:
                     self.log_step(result, elapsed)
                 if bad_streak >= cfg.optim.max_bad_steps:
@@ -305,7 +407,11 @@ class Trainer:
                     break
                 bar.update(1)
                 bar.set_postfix(loss=f"{result.lm_loss:.4f}")
-                if cfg.logging.eval_every and self.step % cfg.logging.eval_every == 0 and self.step < cfg.optim.max_steps:
+                if (
+                    cfg.logging.eval_every
+                    and self.step % cfg.logging.eval_every == 0
+                    and self.step < cfg.optim.max_steps
+                ):
                     self.evaluate()
                 if guard.should_stop():
                     outcome = "preempted" if guard.requeue_requested else "stopped"  # SIGTERM: cancelled, not requeued
@@ -325,11 +431,17 @@ class Trainer:
         return outcome
 
     def log_step(self, result: StepResult, elapsed: float) -> None:
-        scalars = {tags.TRAIN_LOSS: result.lm_loss + self.hycam_config.balance_weight * result.balance_loss * self.routes,
-                   tags.LM_LOSS: result.lm_loss, tags.BALANCE_LOSS: result.balance_loss,
-                   tags.LR: float(self.engine.get_lr()[0]), tags.TOKENS_PER_S: result.input_tokens / max(elapsed, 1e-9),
-                   tags.LOSS_TOKENS: result.tokens, tags.SKIPPED_STEPS: self.skipped_steps,
-                   tags.STEP_SKIPPED: float(not result.finite), tags.BATCH_FINGERPRINT: result.batch_fingerprint}
+        scalars = {
+            tags.TRAIN_LOSS: result.lm_loss + self.hycam_config.balance_weight * result.balance_loss * self.routes,
+            tags.LM_LOSS: result.lm_loss,
+            tags.BALANCE_LOSS: result.balance_loss,
+            tags.LR: float(self.engine.get_lr()[0]),
+            tags.TOKENS_PER_S: result.input_tokens / max(elapsed, 1e-9),
+            tags.LOSS_TOKENS: result.tokens,
+            tags.SKIPPED_STEPS: self.skipped_steps,
+            tags.STEP_SKIPPED: float(not result.finite),
+            tags.BATCH_FINGERPRINT: result.batch_fingerprint,
+        }
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             scalars[tags.GRAD_NORM] = float(grad_norm)
@@ -348,15 +460,31 @@ class Trainer:
 
         from data_pipeline import ShardReader
 
-        reader = ShardReader(self.data_dir, "eval", self.rank, self.world, self.cfg.optim.micro_batch_size,
-                             tokenizer_fingerprint=self.fingerprint, drop_last=False, template=self.cfg.data.template)
+        reader = ShardReader(
+            self.data_dir,
+            "eval",
+            self.rank,
+            self.world,
+            self.cfg.optim.micro_batch_size,
+            tokenizer_fingerprint=self.fingerprint,
+            drop_last=False,
+            template=self.cfg.data.template,
+        )
         batches = list(reader)
         if self.cfg.logging.eval_batches is not None:
             batches = batches[: self.cfg.logging.eval_batches]
         progress = partial(tqdm, disable=self.rank != 0 or not self.cfg.logging.progress)
         self.engine.eval()
-        sums, routing = task_losses(self.engine, self.model, batches, len(self.tasks), self.cfg.optim.micro_batch_size,
-                                    reader.seq_len, self.engine.device, progress)
+        sums, routing = task_losses(
+            self.engine,
+            self.model,
+            batches,
+            len(self.tasks),
+            self.cfg.optim.micro_batch_size,
+            reader.seq_len,
+            self.engine.device,
+            progress,
+        )
         self.engine.train()
         metrics: dict[str, float] = {}
         for i, task in enumerate(self.tasks):
@@ -371,8 +499,13 @@ class Trainer:
         if routing is not None:
             self.telemetry.routing_heatmap(self.step, routing, self.tasks)
         if self.rank == 0:
-            log.info("eval step %d: loss %.4f ppl %.2f | %s", self.step, metrics[tags.EVAL_LOSS], metrics[tags.EVAL_PPL],
-                     " ".join(f"{t}={metrics.get(tags.task_eval_ppl(t), float('nan')):.2f}" for t in self.tasks))
+            log.info(
+                "eval step %d: loss %.4f ppl %.2f | %s",
+                self.step,
+                metrics[tags.EVAL_LOSS],
+                metrics[tags.EVAL_PPL],
+                " ".join(f"{t}={metrics.get(tags.task_eval_ppl(t), float('nan')):.2f}" for t in self.tasks),
+            )
         return metrics
 
     # ------------------------------------------------------------------ export and exit
@@ -381,8 +514,14 @@ class Trainer:
         (a collective), saved by rank 0 with save_adapter; LoRA via PEFT; full: the model."""
         from .exporting import export_trained
 
-        return export_trained(self.model, self.cfg.method, self.layout.adapter, stage3=zero_stage(self.ds_config) == 3,
-                              is_writer=self.rank == 0, tokenizer=self.tokenizer)
+        return export_trained(
+            self.model,
+            self.cfg.method,
+            self.layout.adapter,
+            stage3=zero_stage(self.ds_config) == 3,
+            is_writer=self.rank == 0,
+            tokenizer=self.tokenizer,
+        )
 
     def record_peak_memory(self) -> None:
         """Peak resident memory of every rank (and peak CUDA memory on GPUs) into partition.json."""

@@ -45,8 +45,15 @@ def _until_stop(ids: list[int], stops: list[int]) -> list[int]:
     return ids[:cut]
 
 
-def generate_texts(model, tokenizer, examples: list[dict], settings: EvalSettings, device, synced: bool,
-                   progress: Callable = lambda it, **kw: it) -> list[tuple[int, str, str]]:
+def generate_texts(
+    model,
+    tokenizer,
+    examples: list[dict],
+    settings: EvalSettings,
+    device,
+    synced: bool,
+    progress: Callable = lambda it, **kw: it,
+) -> list[tuple[int, str, str]]:
     """Greedy generations for this rank's share of `examples`: (example index, hypothesis, reference).
 
     Left-padded batches, the KV cache, deterministic routing (the model is in eval mode). Every rank
@@ -61,7 +68,7 @@ def generate_texts(model, tokenizer, examples: list[dict], settings: EvalSetting
     stops = stop_ids(tokenizer, examples)
     results = []
     for call in progress(range(calls), desc="generate", leave=False):
-        chunk = mine[call * settings.batch_size:(call + 1) * settings.batch_size]
+        chunk = mine[call * settings.batch_size : (call + 1) * settings.batch_size]
         real = bool(chunk)
         chunk = chunk or [0]  # a rank without work still takes part in the collective forwards
         prompts = [examples[i]["tokens"][: examples[i]["loss_start"]] for i in chunk]
@@ -69,18 +76,26 @@ def generate_texts(model, tokenizer, examples: list[dict], settings: EvalSetting
         input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.int64)
         attention = torch.zeros((len(prompts), width), dtype=torch.int64)
         for row, prompt in enumerate(prompts):
-            input_ids[row, width - len(prompt):] = torch.as_tensor(prompt)
-            attention[row, width - len(prompt):] = 1
+            input_ids[row, width - len(prompt) :] = torch.as_tensor(prompt)
+            attention[row, width - len(prompt) :] = 1
         with torch.no_grad():
-            output = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), do_sample=False,
-                                    max_new_tokens=settings.max_new_tokens, pad_token_id=pad_id,
-                                    eos_token_id=stops, synced_gpus=synced)
+            output = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention.to(device),
+                do_sample=False,
+                max_new_tokens=settings.max_new_tokens,
+                pad_token_id=pad_id,
+                eos_token_id=stops,
+                synced_gpus=synced,
+            )
         if not real:
             continue
         for row, index in enumerate(chunk):
-            hypothesis = tokenizer.decode(_until_stop(output[row, width:].tolist(), stops), skip_special_tokens=True).strip()
+            hypothesis = tokenizer.decode(
+                _until_stop(output[row, width:].tolist(), stops), skip_special_tokens=True
+            ).strip()
             example = examples[index]
-            reference = example["tokens"][example["loss_start"]:].tolist()
+            reference = example["tokens"][example["loss_start"] :].tolist()
             reference = tokenizer.decode(_until_stop(reference, stops), skip_special_tokens=True).strip()
             results.append((index, hypothesis, reference))
     return results
@@ -96,10 +111,14 @@ def gather_generations(results: list[tuple[int, str, str]]) -> list[tuple[int, s
     return sorted(item for part in everything for item in part)
 
 
-def generation_scores(generations: list[tuple[int, str, str]], examples: list[dict], tasks: list[str]) -> dict[str, dict]:
+def generation_scores(
+    generations: list[tuple[int, str, str]], examples: list[dict], tasks: list[str]
+) -> dict[str, dict]:
     by_task: dict[str, tuple[list, list]] = {t: ([], []) for t in tasks}
     for index, hypothesis, reference in generations:
         hyps, refs = by_task[tasks[examples[index]["task_id"]]]
         hyps.append(hypothesis)
         refs.append(reference)
-    return {t: {"bleu4": bleu4(h, r), "rougeL": rouge_l(h, r), "examples": len(h)} for t, (h, r) in by_task.items() if h}
+    return {
+        t: {"bleu4": bleu4(h, r), "rougeL": rouge_l(h, r), "examples": len(h)} for t, (h, r) in by_task.items() if h
+    }

@@ -10,11 +10,11 @@ from typing import Any, Optional
 import torch
 from transformers.integrations import HfDeepSpeedConfig
 
-from ..modeling.adapter_io import MANIFEST_FILE, load_adapter
-from ..modeling.backbones import build_backbone
 from ..engine.ds_config import zero_stage
 from ..engine.methods import load_pretrained_model
 from ..engine.run_dir import RunDir
+from ..modeling.adapter_io import MANIFEST_FILE, load_adapter
+from ..modeling.backbones import build_backbone
 
 
 @dataclass
@@ -35,8 +35,14 @@ class ModelSpec:
         layout = RunDir(run_dir)
         info = layout.read_info()
         model, adapter, full = info.model, str(layout.adapter), info.method == "full"
-        return cls(backbone_path=model["path"], backbone_name=None if model["path"] else model["name"], backbone_seed=model["seed"],
-                   vocab_size=vocab_size, adapter=None if full else adapter, full_model=adapter if full else None)
+        return cls(
+            backbone_path=model["path"],
+            backbone_name=None if model["path"] else model["name"],
+            backbone_seed=model["seed"],
+            vocab_size=vocab_size,
+            adapter=None if full else adapter,
+            full_model=adapter if full else None,
+        )
 
     def kind(self) -> str:
         if self.full_model:
@@ -54,7 +60,9 @@ def zero3_inference_config(ds_config: dict[str, Any]) -> dict[str, Any]:
     return keep
 
 
-def load_model(spec: ModelSpec, dtype: torch.dtype = torch.float32, ds_config: Optional[dict] = None, attn: str = "sdpa"):
+def load_model(
+    spec: ModelSpec, dtype: torch.dtype = torch.float32, ds_config: Optional[dict] = None, attn: str = "sdpa"
+):
     """Returns (model in eval mode, keepalive). Under ZeRO-3 (`ds_config` stage 3) the returned
     model is a DeepSpeed engine's module, partitioned across ranks; keep `keepalive` referenced."""
     stage3 = bool(ds_config) and zero_stage(ds_config) == 3
@@ -65,7 +73,9 @@ def load_model(spec: ModelSpec, dtype: torch.dtype = torch.float32, ds_config: O
         hf_ds = HfDeepSpeedConfig(ds_config) if stage3 else None  # from_pretrained builds it partitioned
         model = load_pretrained_model(source, dtype, attn)
     else:  # built whole, exactly as the trainer built it (hycam_ds.engine.methods.BackboneLoader)
-        model = build_backbone(spec.backbone_name, spec.vocab_size, seed=spec.backbone_seed, dtype=dtype, attn_implementation=attn)
+        model = build_backbone(
+            spec.backbone_name, spec.vocab_size, seed=spec.backbone_seed, dtype=dtype, attn_implementation=attn
+        )
     kind = spec.kind()
     if kind == "hycam":
         load_adapter(model, spec.adapter)

@@ -4,7 +4,6 @@ Perplexity from summed token losses is hycam_ds.engine.lm_loss.perplexity."""
 from __future__ import annotations
 
 
-
 def bleu4(hypotheses: list[str], references: list[str]) -> float:
     """Corpus BLEU-4 (sacrebleu, its default 13a tokenisation), 0-100."""
     import sacrebleu

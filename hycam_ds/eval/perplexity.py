@@ -47,11 +47,13 @@ def general_perplexity(forward, blocks: torch.Tensor, batch_size: int, device) -
     sums = torch.zeros(2, dtype=torch.float64)
     with torch.no_grad():
         for call in range(calls):
-            chunk = mine[call * batch_size:(call + 1) * batch_size]
+            chunk = mine[call * batch_size : (call + 1) * batch_size]
             real = len(chunk) > 0
             chunk = chunk if real else blocks[:1]
             logits = forward(input_ids=chunk.to(device), use_cache=False).logits
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), chunk[:, 1:].to(device), reduction="sum")
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().transpose(1, 2), chunk[:, 1:].to(device), reduction="sum"
+            )
             if real:
                 sums += torch.tensor([float(loss), chunk[:, 1:].numel()], dtype=torch.float64)
     sums = all_reduce_sum(sums)

@@ -46,8 +46,15 @@ def backbone_view(model, kind: str):
     return None
 
 
-def evaluate(spec: ModelSpec, data_dir: Path, tokenizer, settings: EvalSettings, ds_config: Optional[dict] = None,
-             samples_dir: Optional[Path] = None, progress: Callable = lambda it, **kw: it) -> dict:
+def evaluate(
+    spec: ModelSpec,
+    data_dir: Path,
+    tokenizer,
+    settings: EvalSettings,
+    ds_config: Optional[dict] = None,
+    samples_dir: Optional[Path] = None,
+    progress: Callable = lambda it, **kw: it,
+) -> dict:
     """Measures `spec` on `data_dir`'s split: {"report": ..., "routing": task x expert per layer or None}.
     Rank 0 writes the first generations to samples_dir/samples.json."""
     from data_pipeline import ShardReader, tokenizer_fingerprint
@@ -56,24 +63,48 @@ def evaluate(spec: ModelSpec, data_dir: Path, tokenizer, settings: EvalSettings,
     model, keepalive = load_model(spec, ds_config=ds_config)
     device = next(model.parameters()).device
     synced = world > 1 and ds_config is not None and zero_stage(ds_config) == 3
-    reader = ShardReader(data_dir, settings.split, rank, world, settings.batch_size,
-                         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), drop_last=False)
-    sums, routing = task_losses(model, model, ppl_batches(list(reader), settings, world), len(reader.tasks),
-                                settings.batch_size, reader.seq_len, device, progress)
-    tasks = {t: {"ppl": perplexity(float(sums[i, 0]), float(sums[i, 1])), "loss_tokens": int(sums[i, 1])}
-             for i, t in enumerate(reader.tasks)}
+    reader = ShardReader(
+        data_dir,
+        settings.split,
+        rank,
+        world,
+        settings.batch_size,
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        drop_last=False,
+    )
+    sums, routing = task_losses(
+        model,
+        model,
+        ppl_batches(list(reader), settings, world),
+        len(reader.tasks),
+        settings.batch_size,
+        reader.seq_len,
+        device,
+        progress,
+    )
+    tasks = {
+        t: {"ppl": perplexity(float(sums[i, 0]), float(sums[i, 1])), "loss_tokens": int(sums[i, 1])}
+        for i, t in enumerate(reader.tasks)
+    }
     if settings.max_examples_per_task != 0:
         examples = generation_examples(data_dir, settings.split, reader.tasks, settings.max_examples_per_task)
         generations = gather_generations(generate_texts(model, tokenizer, examples, settings, device, synced, progress))
         for task, scores in generation_scores(generations, examples, reader.tasks).items():
             tasks[task].update(scores)
         if rank == 0 and samples_dir is not None:
-            samples = [{"task": reader.tasks[examples[i]["task_id"]], "hypothesis": h, "reference": r}
-                       for i, h, r in generations[:MAX_SAMPLES]]
+            samples = [
+                {"task": reader.tasks[examples[i]["task_id"]], "hypothesis": h, "reference": r}
+                for i, h, r in generations[:MAX_SAMPLES]
+            ]
             samples_dir.mkdir(parents=True, exist_ok=True)
             (samples_dir / "samples.json").write_text(json.dumps(samples, indent=2))
-    report = {"split": settings.split, "model": {"kind": spec.kind(), **vars(spec)}, "tasks": tasks, "world_size": world,
-              "max_ppl_rows": settings.max_ppl_rows}
+    report = {
+        "split": settings.split,
+        "model": {"kind": spec.kind(), **vars(spec)},
+        "tasks": tasks,
+        "world_size": world,
+        "max_ppl_rows": settings.max_ppl_rows,
+    }
     if settings.general_text:
         report["general_text"] = _general_text(model, spec, tokenizer, settings, ds_config, device)
     del keepalive
@@ -82,15 +113,21 @@ def evaluate(spec: ModelSpec, data_dir: Path, tokenizer, settings: EvalSettings,
 
 def _general_text(model, spec: ModelSpec, tokenizer, settings: EvalSettings, ds_config, device) -> dict:
     """General-text perplexity of the adapted model and of the backbone it started from."""
-    blocks = general_text_blocks(tokenizer, settings.general_text, settings.general_max_tokens, settings.general_seq_len)
+    blocks = general_text_blocks(
+        tokenizer, settings.general_text, settings.general_max_tokens, settings.general_seq_len
+    )
     adapted = general_perplexity(model, blocks, settings.batch_size, device)
     view = backbone_view(model, spec.kind())
     if view is not None:
         with view:
             original = general_perplexity(model, blocks, settings.batch_size, device)
     else:  # a fully fine-tuned model: load the backbone it started from
-        base_spec = ModelSpec(backbone_path=spec.backbone_path, backbone_name=spec.backbone_name,
-                              backbone_seed=spec.backbone_seed, vocab_size=spec.vocab_size)
+        base_spec = ModelSpec(
+            backbone_path=spec.backbone_path,
+            backbone_name=spec.backbone_name,
+            backbone_seed=spec.backbone_seed,
+            vocab_size=spec.vocab_size,
+        )
         base, _base_keepalive = load_model(base_spec, ds_config=ds_config)
         original = general_perplexity(base, blocks, settings.batch_size, device)
     return {"ppl": adapted, "backbone_ppl": original, "tokens": int(blocks.numel()), "source": settings.general_text}

@@ -27,16 +27,26 @@ def averages(tasks: dict[str, dict]) -> dict[str, float]:
 
 
 def markdown_table(report: dict[str, Any]) -> str:
-    lines = [f"# Evaluation: {report['model']['kind']} ({report['split']} split)", "",
-             "| task | perplexity | BLEU-4 | ROUGE-L | generations |", "|---|---|---|---|---|"]
+    lines = [
+        f"# Evaluation: {report['model']['kind']} ({report['split']} split)",
+        "",
+        "| task | perplexity | BLEU-4 | ROUGE-L | generations |",
+        "|---|---|---|---|---|",
+    ]
     for task, values in report["tasks"].items():
-        lines.append(f"| {task} | {_fmt(values.get('ppl'))} | {_fmt(values.get('bleu4'))} | {_fmt(values.get('rougeL'))} | {values.get('examples', 0)} |")
+        lines.append(
+            f"| {task} | {_fmt(values.get('ppl'))} | {_fmt(values.get('bleu4'))} | "
+            f"{_fmt(values.get('rougeL'))} | {values.get('examples', 0)} |"
+        )
     avg = report["average"]
     lines.append(f"| **average** | {_fmt(avg['ppl'])} | {_fmt(avg['bleu4'])} | {_fmt(avg['rougeL'])} | |")
     general = report.get("general_text")
     if general:
-        lines += ["", f"General-text perplexity (knowledge retention): adapted {_fmt(general['ppl'])}, "
-                      f"untouched backbone {_fmt(general['backbone_ppl'])} ({general['tokens']} tokens of {general['source']})"]
+        lines += [
+            "",
+            f"General-text perplexity (knowledge retention): adapted {_fmt(general['ppl'])}, "
+            f"untouched backbone {_fmt(general['backbone_ppl'])} ({general['tokens']} tokens of {general['source']})",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -55,8 +55,15 @@ class _ProjectionFn(torch.autograd.Function):
 
 
 def _applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (not _broken and enabled() and x.device.type == "cpu" and x.dtype == torch.float32
-            and weight.dtype == torch.float32 and x.dim() == 2 and torch.backends.mkldnn.is_available())
+    return (
+        not _broken
+        and enabled()
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and x.dim() == 2
+        and torch.backends.mkldnn.is_available()
+    )
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -67,6 +74,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             return _ProjectionFn.apply(x, weight, bias)
         except (RuntimeError, AttributeError) as exc:  # an op missing from this torch build, an unsupported layout
             _broken = True
-            logger.warning("oneDNN linear unavailable (%s: %s); HyCAM's projection uses F.linear",
-                           type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            logger.warning(
+                "oneDNN linear unavailable (%s: %s); HyCAM's projection uses F.linear",
+                type(exc).__name__,
+                str(exc).splitlines()[0] if str(exc) else "",
+            )
     return F.linear(x, weight, bias)

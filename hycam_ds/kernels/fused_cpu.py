@@ -66,8 +66,11 @@ def load(verbose: bool = False) -> ModuleType | None:
                 )
             except Exception as exc:  # no compiler, no ninja, read-only cache, ...
                 _failed = True
-                logger.warning("HyCAM's fused CPU kernel is unavailable (%s: %s); using torch ops, which are slower "
-                               "on CPU", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+                logger.warning(
+                    "HyCAM's fused CPU kernel is unavailable (%s: %s); using torch ops, which are slower " "on CPU",
+                    type(exc).__name__,
+                    str(exc).splitlines()[0] if str(exc) else "",
+                )
     return _module
 
 

@@ -124,8 +124,9 @@ class _ModulateFn(torch.autograd.Function):
             for start in range(0, rows, step):
                 chunk = slice(start, start + step)
                 spec = _soft_mix(mid_by_expert[:, chunk], scaled_b, weight_rows[chunk])
-                _finish_rows(out[chunk], residual[chunk], target[chunk], None if u is None else u[chunk], spec,
-                             stats_sums)
+                _finish_rows(
+                    out[chunk], residual[chunk], target[chunk], None if u is None else u[chunk], spec, stats_sums
+                )
         if stats is not None:
             count = rows * hidden
             stats["shared_magnitude"] = (stats_sums[0] / count) if u is not None else None
@@ -141,14 +142,29 @@ class _ModulateFn(torch.autograd.Function):
         u = u if ctx.has_shared else None
         rows, experts, rank = mid.shape
         step = _row_chunk(rows, experts, target.shape[1], target.device)
-        grads = (torch.empty_like(target), torch.empty_like(u) if u is not None else None,
-                 mid.new_empty(experts, rows, rank), torch.zeros_like(spec_b), mix_weights.new_empty(experts, rows))
+        grads = (
+            torch.empty_like(target),
+            torch.empty_like(u) if u is not None else None,
+            mid.new_empty(experts, rows, rank),
+            torch.zeros_like(spec_b),
+            mix_weights.new_empty(experts, rows),
+        )
         scaled_b = spec_b * ctx.scale
         mid_by_expert = mid.transpose(0, 1)
         for start in range(0, rows, step):
             chunk = slice(start, start + step)
-            _backward_rows(grads, chunk, grad_out[chunk], target[chunk], None if u is None else u[chunk],
-                           mid_by_expert[:, chunk], spec_b, scaled_b, mix_weights[chunk], ctx.scale)
+            _backward_rows(
+                grads,
+                chunk,
+                grad_out[chunk],
+                target[chunk],
+                None if u is None else u[chunk],
+                mid_by_expert[:, chunk],
+                spec_b,
+                scaled_b,
+                mix_weights[chunk],
+                ctx.scale,
+            )
         grad_target, grad_u, grad_mid, grad_b, grad_weights = grads
         return grad_out, grad_target, grad_u, grad_mid.transpose(0, 1), grad_b, grad_weights.t(), None, None, None
 
@@ -189,8 +205,8 @@ class ProjectionLayout:
 
     def split(self, proj: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """(u or None, A_k x for all k [T, N*r], logits [T, N]): views of proj's columns."""
-        u = proj[:, :self.hidden] if self.shared else None
-        return u, proj[:, self.low_col:self.logit_col], proj[:, self.logit_col:self.logit_col + self.experts]
+        u = proj[:, : self.hidden] if self.shared else None
+        return u, proj[:, self.low_col : self.logit_col], proj[:, self.logit_col : self.logit_col + self.experts]
 
 
 class _FusedLayerFn(torch.autograd.Function):
@@ -204,8 +220,20 @@ class _FusedLayerFn(torch.autograd.Function):
         spec_n, spec_b = spec_n.contiguous(), spec_b.contiguous()
         noise = target.new_empty(0) if noise is None else noise.to(target.dtype).contiguous()
         out, weights, probs, mid, mix, shared_sum, spec_sum = fused_cpu.load().layer_forward(
-            residual, target, proj, spec_n, spec_b, noise, layout.u_col, layout.low_col, layout.logit_col,
-            float(tau), float(scale), bool(hard), _CPU_CHUNK_ELEMENTS)
+            residual,
+            target,
+            proj,
+            spec_n,
+            spec_b,
+            noise,
+            layout.u_col,
+            layout.low_col,
+            layout.logit_col,
+            float(tau),
+            float(scale),
+            bool(hard),
+            _CPU_CHUNK_ELEMENTS,
+        )
         if stats is not None:
             count = target.numel()
             stats["shared_magnitude"] = (shared_sum.float() / count) if layout.shared else None
@@ -219,15 +247,42 @@ class _FusedLayerFn(torch.autograd.Function):
         target, proj, spec_n, spec_b, mid, mix, weights, probs = ctx.saved_tensors
         layout, empty = ctx.layout, target.new_empty(0)
         grad_target, grad_proj, grad_n, grad_b = fused_cpu.load().layer_backward(
-            grad_out, empty if grad_weights is None else grad_weights, empty if grad_probs is None else grad_probs,
-            target, proj, spec_n, spec_b, mid, mix, weights, probs, layout.u_col, layout.low_col, layout.logit_col,
-            float(ctx.tau), float(ctx.scale), _CPU_CHUNK_ELEMENTS, ctx.target_is_residual)
+            grad_out,
+            empty if grad_weights is None else grad_weights,
+            empty if grad_probs is None else grad_probs,
+            target,
+            proj,
+            spec_n,
+            spec_b,
+            mid,
+            mix,
+            weights,
+            probs,
+            layout.u_col,
+            layout.low_col,
+            layout.logit_col,
+            float(ctx.tau),
+            float(ctx.scale),
+            _CPU_CHUNK_ELEMENTS,
+            ctx.target_is_residual,
+        )
         grad_residual = None if ctx.target_is_residual else grad_out
         return grad_residual, grad_target, grad_proj, grad_n, grad_b, None, None, None, None, None, None
 
 
-def modulate_layer(residual, target, proj, layout: ProjectionLayout, spec_n, spec_b, noise, tau: float, scale: float,
-                   hard: bool, stats: dict | None = None):
+def modulate_layer(
+    residual,
+    target,
+    proj,
+    layout: ProjectionLayout,
+    spec_n,
+    spec_b,
+    noise,
+    tau: float,
+    scale: float,
+    hard: bool,
+    stats: dict | None = None,
+):
     """Everything of one layer's HyCAM after its joint projection of x. Token rows: residual,
     target [T, d]; proj [T, layout.width]; spec_n [N, r, r]; spec_b [N, r, d]; noise: Gumbel noise
     [T, N] (training) or None. Routing weights = softmax((logits + noise) / tau), mixed as they are

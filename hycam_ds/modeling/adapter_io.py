@@ -47,16 +47,22 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().to("cpu", copy=True).contiguous() for name, p in hycam_named_parameters(model)}
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, tensors: dict[str, torch.Tensor] | None = None) -> Path:
+def save_adapter(
+    model: nn.Module, directory: str | os.PathLike, tensors: dict[str, torch.Tensor] | None = None
+) -> Path:
     """Write the model's HyCAM adapter to `directory` atomically. `tensors` overrides the values
     read from the model (the trainer passes tensors gathered from ZeRO-3 partitions)."""
     model = getattr(model, "module", model)
     config = hycam_state(model).config
     expected = {name: p for name, p in hycam_named_parameters(model)}
-    tensors = adapter_state_dict(model) if tensors is None else {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    tensors = (
+        adapter_state_dict(model) if tensors is None else {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    )
     missing = sorted(set(expected) - set(tensors))
     if missing or not tensors:
-        raise AdapterError(f"refusing to write a partial adapter: {len(missing)} HyCAM tensors missing, e.g. {missing[:3]}")
+        raise AdapterError(
+            f"refusing to write a partial adapter: {len(missing)} HyCAM tensors missing, e.g. {missing[:3]}"
+        )
     empty = [name for name, t in tensors.items() if t.numel() == 0]
     if empty:
         raise AdapterError(
@@ -70,8 +76,14 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, tensors: dict[s
         manifest = {
             "format": FORMAT,
             "backbone": _backbone_description(model),
-            "tensors": {name: {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")} for name, t in sorted(tensors.items())},
-            "sha256": {WEIGHTS_FILE: sha256_file(staging / WEIGHTS_FILE), CONFIG_FILE: sha256_file(staging / CONFIG_FILE)},
+            "tensors": {
+                name: {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+                for name, t in sorted(tensors.items())
+            },
+            "sha256": {
+                WEIGHTS_FILE: sha256_file(staging / WEIGHTS_FILE),
+                CONFIG_FILE: sha256_file(staging / CONFIG_FILE),
+            },
         }
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     return destination
@@ -101,7 +113,10 @@ def read_adapter(directory: str | os.PathLike) -> tuple[HyCAMConfig, dict[str, t
             raise AdapterError(f"{path}: missing")
         actual, recorded = sha256_file(path), manifest["sha256"].get(name)
         if actual != recorded:
-            raise AdapterError(f"{path}: checksum mismatch (sha256 {actual[:12]}..., manifest says {str(recorded)[:12]}...): the file is damaged or was modified")
+            raise AdapterError(
+                f"{path}: checksum mismatch (sha256 {actual[:12]}..., manifest says {str(recorded)[:12]}...): "
+                "the file is damaged or was modified"
+            )
     try:
         config = HyCAMConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
     except (ValueError, TypeError) as err:
@@ -120,7 +135,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, config_override
     target = getattr(model, "module", model)
     saved_backbone, this_backbone = manifest["backbone"], _backbone_description(target)
     if saved_backbone != this_backbone:
-        raise AdapterError(f"{directory}: adapter was trained for backbone {saved_backbone}, this model is {this_backbone}")
+        raise AdapterError(
+            f"{directory}: adapter was trained for backbone {saved_backbone}, this model is {this_backbone}"
+        )
     if not has_hycam(target):
         apply_hycam(target, config)
     current = hycam_state(target).config
@@ -133,9 +150,13 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, config_override
         extra, missing = sorted(set(tensors) - set(params)), sorted(set(params) - set(tensors))
         raise AdapterError(f"{directory}: tensor names differ (unexpected {extra[:3]}, missing {missing[:3]})")
     for name, value in tensors.items():
-        expected_shape = tuple(getattr(params[name], "ds_shape", params[name].shape))  # ZeRO-3 keeps the full shape there
+        expected_shape = tuple(
+            getattr(params[name], "ds_shape", params[name].shape)
+        )  # ZeRO-3 keeps the full shape there
         if tuple(value.shape) != expected_shape:
-            raise AdapterError(f"{directory}: tensor {name} has shape {tuple(value.shape)}, the model expects {expected_shape}")
+            raise AdapterError(
+                f"{directory}: tensor {name} has shape {tuple(value.shape)}, the model expects {expected_shape}"
+            )
     with torch.no_grad():
         for name, value in tensors.items():
             params[name].copy_(value.to(params[name].dtype))

@@ -112,21 +112,29 @@ class HyCAMModulation(nn.Module):
         target = h2 if cfg.site == "attention" else h2 + h_in.reshape(-1, shape[-1])
         if layout is None:  # shared CAM alone: no experts to route
             shared = F.silu(proj)
-            self.last_magnitudes = ({"shared_magnitude": shared.detach().abs().mean().float(),
-                                     "specialized_magnitude": None} if state.record_stats else {})
+            self.last_magnitudes = (
+                {"shared_magnitude": shared.detach().abs().mean().float(), "specialized_magnitude": None}
+                if state.record_stats
+                else {}
+            )
             return torch.addcmul(h2, target, shared).view(shape)
         hard, sample = routing_mode(cfg, self.training)
         noise = None
         if sample:
             rows = proj.shape[0]
-            noise = gumbel_noise((rows, layout.experts), state.noise.generator(self.layer_index, proj.device),
-                                 proj.device)
+            noise = gumbel_noise(
+                (rows, layout.experts), state.noise.generator(self.layer_index, proj.device), proj.device
+            )
         stats: dict | None = {} if state.record_stats else None
-        out, weights, probs = modulate_layer(h2, target, proj, layout, self.spec_n, self.spec_b, noise, cfg.tau,
-                                             cfg.scaling, hard, stats)
+        out, weights, probs = modulate_layer(
+            h2, target, proj, layout, self.spec_n, self.spec_b, noise, cfg.tau, cfg.scaling, hard, stats
+        )
         tokens = shape[:-1]
-        self.last_routing = {"weights": weights.view(*tokens, -1), "probs": probs.view(*tokens, -1),
-                             "logits": layout.split(proj)[2].view(*tokens, -1)}
+        self.last_routing = {
+            "weights": weights.view(*tokens, -1),
+            "probs": probs.view(*tokens, -1),
+            "logits": layout.split(proj)[2].view(*tokens, -1),
+        }
         self.last_magnitudes = stats or {}
         return out.view(shape)
 

@@ -24,9 +24,11 @@ def resolve_token_mask(model: nn.Module, tokens_shape: torch.Size, token_mask=No
         token_mask = hycam_state(model).token_mask
     if token_mask is None:
         return None
-    token_mask = token_mask[..., -tokens_shape[-1]:].bool()
+    token_mask = token_mask[..., -tokens_shape[-1] :].bool()
     if token_mask.shape != tokens_shape:
-        raise ValueError(f"token mask of shape {tuple(token_mask.shape)} does not match the tokens {tuple(tokens_shape)}")
+        raise ValueError(
+            f"token mask of shape {tuple(token_mask.shape)} does not match the tokens {tuple(tokens_shape)}"
+        )
     return token_mask
 
 
@@ -51,7 +53,12 @@ def balance_loss(model: nn.Module, token_mask=None, segment_ids=None) -> torch.T
     total = None
     for layer in layers:
         weights = layer.last_routing["weights"].float()
-        if torch.is_grad_enabled() and layer.training and layer.router_weight.requires_grad and not weights.requires_grad:
+        if (
+            torch.is_grad_enabled()
+            and layer.training
+            and layer.router_weight.requires_grad
+            and not weights.requires_grad
+        ):
             raise RuntimeError(
                 "balance_loss: the routing of the last forward carries no gradient. Reentrant gradient "
                 "checkpointing (use_reentrant=True) runs the forward without autograd, so the router "

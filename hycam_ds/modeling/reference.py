@@ -49,9 +49,18 @@ def reference_routing(logits: torch.Tensor, noise: torch.Tensor | None, tau: flo
     return mix, weights, probs
 
 
-def reference_equation(params: Mapping[str, torch.Tensor], x: torch.Tensor, h_att: torch.Tensor,
-                       h_in: torch.Tensor | None = None, *, tau: float, scale: float, site: str = "attention",
-                       noise: torch.Tensor | None = None, hard: bool = False):
+def reference_equation(
+    params: Mapping[str, torch.Tensor],
+    x: torch.Tensor,
+    h_att: torch.Tensor,
+    h_in: torch.Tensor | None = None,
+    *,
+    tau: float,
+    scale: float,
+    site: str = "attention",
+    noise: torch.Tensor | None = None,
+    hard: bool = False,
+):
     """h_out = h_att + target * A for one layer (equation in the module docstring), from its parameters
     by name (those of HyCAMModulation.named_parameters(): shared_weight, shared_bias, spec_a, spec_n,
     spec_b, router_weight, router_bias; absent names are absent terms). target = h_att for
@@ -69,9 +78,9 @@ def reference_equation(params: Mapping[str, torch.Tensor], x: torch.Tensor, h_at
         mix, weights, probs = reference_routing(logits, noise, tau, hard)
         rank = spec_n.shape[1]
         for k in range(spec_n.shape[0]):
-            a_k = spec_a[k * rank:(k + 1) * rank]  # [r, d], applied as x A_k^T
+            a_k = spec_a[k * rank : (k + 1) * rank]  # [r, d], applied as x A_k^T
             z_k = ((x @ a_k.t()) @ spec_n[k]) @ spec_b[k]
-            a = a + mix[..., k:k + 1] * F.silu(scale * z_k)
+            a = a + mix[..., k : k + 1] * F.silu(scale * z_k)
     if site == "attention":
         target = h_att
     elif site == "residual":
@@ -83,8 +92,14 @@ def reference_equation(params: Mapping[str, torch.Tensor], x: torch.Tensor, h_at
     return h_att + target * a, weights, probs
 
 
-def reference_modulation(layer: "HyCAMModulation", x: torch.Tensor, h_att: torch.Tensor,
-                         h_in: torch.Tensor | None = None, noise: torch.Tensor | None = None, hard: bool = False):
+def reference_modulation(
+    layer: "HyCAMModulation",
+    x: torch.Tensor,
+    h_att: torch.Tensor,
+    h_in: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    hard: bool = False,
+):
     """What HyCAMModulation.forward(x, h_att, h_in) computes, written plainly: reference_equation
     on the layer's parameters with its config's tau, scaling (alpha / rank) and site.
 
@@ -92,8 +107,17 @@ def reference_modulation(layer: "HyCAMModulation", x: torch.Tensor, h_att: torch
     Gumbel noise [..., N] drawn in training, none in eval by default). Returns (h_out, weights,
     probs) shaped like the layer's output and its last_routing["weights"], ["probs"]."""
     cfg = layer.config
-    return reference_equation(dict(layer.named_parameters()), x, h_att, h_in, tau=cfg.tau, scale=cfg.scaling,
-                              site=cfg.site, noise=noise, hard=hard)
+    return reference_equation(
+        dict(layer.named_parameters()),
+        x,
+        h_att,
+        h_in,
+        tau=cfg.tau,
+        scale=cfg.scaling,
+        site=cfg.site,
+        noise=noise,
+        hard=hard,
+    )
 
 
 def reference_balance_loss(weights: torch.Tensor, probs: torch.Tensor, mask: torch.Tensor | None = None):
@@ -127,8 +151,9 @@ def reference_modulate(residual, target, u, mid, spec_b, weights, scale: float, 
     return residual + target * a
 
 
-def reference_modulate_layer(residual, target, proj, layout, spec_n, spec_b, noise, tau: float, scale: float,
-                             hard: bool):
+def reference_modulate_layer(
+    residual, target, proj, layout, spec_n, spec_b, noise, tau: float, scale: float, hard: bool
+):
     """What hycam_ds.kernels.modulation.modulate_layer computes, written plainly: routing, the N_k
     products and reference_modulate, from the layer's joint projection proj [T, C] whose columns
     are [u = x W_shared^T (layout.hidden, if layout.shared) | A_k x for all k (N * r) | logits (N) | padding].
@@ -136,8 +161,8 @@ def reference_modulate_layer(residual, target, proj, layout, spec_n, spec_b, noi
     Returns (residual + target * A, weights, probs)."""
     low_col = layout.hidden if layout.shared else 0
     logit_col = low_col + layout.experts * layout.rank
-    u = proj[:, :layout.hidden] if layout.shared else None
-    low_rank, logits = proj[:, low_col:logit_col], proj[:, logit_col:logit_col + layout.experts]
+    u = proj[:, : layout.hidden] if layout.shared else None
+    low_rank, logits = proj[:, low_col:logit_col], proj[:, logit_col : logit_col + layout.experts]
     _, weights, probs = reference_routing(logits, noise, tau)
     mid = torch.einsum("tnr,nrs->tns", low_rank.reshape(-1, layout.experts, layout.rank), spec_n)
     return reference_modulate(residual, target, u, mid, spec_b, weights, scale, hard), weights, probs

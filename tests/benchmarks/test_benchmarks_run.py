@@ -11,17 +11,46 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _run(script, *args, timeout=600):
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], cwd=REPO,
-                            capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / script), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stdout
 
 
 def test_hycam_step_benchmark_prints_every_variant():
-    out = _run("bench_hycam_step.py", "--hidden", "64", "--layers", "2", "--seq", "32", "--batch", "1",
-               "--vocab", "256", "--steps", "1", "--warmup", "0")
-    for row in ("frozen backbone", "PEFT LoRA", "authors' code", "expert loop, simplified", "hycam-ds soft (paper)",
-                "hycam-ds hard", "hycam-ds soft, torch ops", "hycam-ds soft, projection on torch's GEMM", "shared CAM alone"):
+    out = _run(
+        "bench_hycam_step.py",
+        "--hidden",
+        "64",
+        "--layers",
+        "2",
+        "--seq",
+        "32",
+        "--batch",
+        "1",
+        "--vocab",
+        "256",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+    )
+    for row in (
+        "frozen backbone",
+        "PEFT LoRA",
+        "authors' code",
+        "expert loop, simplified",
+        "hycam-ds soft (paper)",
+        "hycam-ds hard",
+        "hycam-ds soft, torch ops",
+        "hycam-ds soft, projection on torch's GEMM",
+        "shared CAM alone",
+    ):
         assert f"| {row}" in out, f"missing row {row!r} in:\n{out}"
     assert "vs the authors' code" in out and "vs the simplified expert loop" in out
 

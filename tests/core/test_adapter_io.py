@@ -5,6 +5,7 @@ import pickle
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
 import hycam_ds as H
 from hycam_ds.modeling.backbones import build_backbone
@@ -27,7 +28,11 @@ def test_round_trip_gives_identical_logits(tmp_path, family):
     ids = torch.randint(0, VOCAB, (2, 6))
     expected = model(ids).logits
     H.save_adapter(model, tmp_path / "adapter")
-    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter.safetensors", "hycam_config.json", "manifest.json"]
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [
+        "adapter.safetensors",
+        "hycam_config.json",
+        "manifest.json",
+    ]
     fresh = build_backbone(family, VOCAB).eval()
     H.load_adapter(fresh, tmp_path / "adapter")  # applies HyCAM with the saved config
     assert torch.equal(fresh(ids).logits, expected)
@@ -86,9 +91,11 @@ def test_pickle_offered_as_adapter_is_never_executed(tmp_path):
     manifest = json.loads((directory / "manifest.json").read_text())
     import hashlib
 
-    manifest["sha256"]["adapter.safetensors"] = hashlib.sha256((directory / "adapter.safetensors").read_bytes()).hexdigest()
+    manifest["sha256"]["adapter.safetensors"] = hashlib.sha256(
+        (directory / "adapter.safetensors").read_bytes()
+    ).hexdigest()
     (directory / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(Exception):
+    with pytest.raises(SafetensorError):  # the pickle's bytes are not a valid safetensors header
         H.load_adapter(build_backbone("tiny-llama", VOCAB), directory)
     assert not marker.exists()
 

@@ -41,17 +41,23 @@ def test_the_public_api_imports_no_engine_data_pipeline_or_plotting():
 
 
 def test_every_modeling_and_kernels_module_stays_in_its_room():
-    names = [f"hycam_ds.{room}.{p.stem}" for room in ("modeling", "kernels")
-             for p in sorted((ROOT / "hycam_ds" / room).glob("*.py")) if p.stem != "__init__"]
+    names = [
+        f"hycam_ds.{room}.{p.stem}"
+        for room in ("modeling", "kernels")
+        for p in sorted((ROOT / "hycam_ds" / room).glob("*.py"))
+        if p.stem != "__init__"
+    ]
     loaded = _loaded_after("\n".join(f"import {n}" for n in names))
     for heavy in ("deepspeed", "data_pipeline", "matplotlib", "hycam_ds.engine", "hycam_ds.eval"):
         assert heavy not in loaded, f"a module of hycam_ds.modeling or hycam_ds.kernels pulls in {heavy}"
 
 
 def test_data_pipeline_never_imports_hycam_ds():
-    loaded = _loaded_after("import importlib, pkgutil, data_pipeline\n"
-                           "for m in pkgutil.walk_packages(data_pipeline.__path__, 'data_pipeline.'):\n"
-                           "    importlib.import_module(m.name)")
+    loaded = _loaded_after(
+        "import importlib, pkgutil, data_pipeline\n"
+        "for m in pkgutil.walk_packages(data_pipeline.__path__, 'data_pipeline.'):\n"
+        "    importlib.import_module(m.name)"
+    )
     assert not [m for m in loaded if m.startswith("hycam_ds")]
 
 
@@ -80,7 +86,7 @@ def _python_files(*folders: str) -> list[Path]:
 def test_each_room_imports_only_the_rooms_below_it(room):
     wrong = []
     for path in _python_files(f"hycam_ds/{room}"):
-        for module, names, line in _imports(path):
+        for module, _names, line in _imports(path):
             parts = module.split(".")
             if parts[0] == "hycam_ds" and len(parts) > 1 and parts[1] in {"modeling", "kernels", "engine", "eval"}:
                 if parts[1] not in ALLOWED[room]:
@@ -91,8 +97,12 @@ def test_each_room_imports_only_the_rooms_below_it(room):
 
 
 def test_data_pipeline_source_names_no_hycam_ds():
-    wrong = [f"{p.relative_to(ROOT)}:{line}" for p in _python_files("data_pipeline")
-             for module, _, line in _imports(p) if module.split(".")[0] == "hycam_ds"]
+    wrong = [
+        f"{p.relative_to(ROOT)}:{line}"
+        for p in _python_files("data_pipeline")
+        for module, _, line in _imports(p)
+        if module.split(".")[0] == "hycam_ds"
+    ]
     assert not wrong
 
 

@@ -62,4 +62,5 @@ def test_a_failing_onednn_call_warns_once_and_falls_back(monkeypatch, caplog):
             out = cpu_gemm.linear(x, weight, bias)
     torch.testing.assert_close(out, F.linear(x, weight, bias))
     assert [r.getMessage() for r in caplog.records].count(
-        "oneDNN linear unavailable (RuntimeError: simulated: op not in this build); HyCAM's projection uses F.linear") == 1
+        "oneDNN linear unavailable (RuntimeError: simulated: op not in this build); HyCAM's projection uses F.linear"
+    ) == 1

@@ -16,12 +16,16 @@ def _leaves(rows, experts, rank, hidden, shared=True, dtype=torch.float32, seed=
     """residual, joint (target is a column slice of it), proj_wide (proj is a column slice), spec_n, spec_b."""
     g = torch.Generator().manual_seed(seed)
     width = ProjectionLayout(hidden, experts, rank, shared).width
-    return [t.requires_grad_() for t in (
-        torch.randn(rows, hidden, generator=g, dtype=dtype),
-        torch.randn(rows, hidden + 3, generator=g, dtype=dtype),
-        torch.randn(rows, width + 5, generator=g, dtype=dtype),
-        torch.randn(experts, rank, rank, generator=g, dtype=dtype) * 0.5,
-        torch.randn(experts, rank, hidden, generator=g, dtype=dtype) * 0.3)]
+    return [
+        t.requires_grad_()
+        for t in (
+            torch.randn(rows, hidden, generator=g, dtype=dtype),
+            torch.randn(rows, hidden + 3, generator=g, dtype=dtype),
+            torch.randn(rows, width + 5, generator=g, dtype=dtype),
+            torch.randn(experts, rank, rank, generator=g, dtype=dtype) * 0.5,
+            torch.randn(experts, rank, hidden, generator=g, dtype=dtype) * 0.3,
+        )
+    ]
 
 
 def _operands(leaves, layout):
@@ -86,13 +90,28 @@ def test_fused_kernel_is_taken_only_where_it_applies(monkeypatch):
 def test_kernel_rejects_mismatched_operands_clearly():
     kernel = fused_cpu.load()
     layout = ProjectionLayout(5, 2, 3, True)
-    residual, target, proj, _, spec_n, spec_b = (t.detach() if torch.is_tensor(t) else t for t in _operands(_leaves(4, 2, 3, 5), layout))
+    residual, target, proj, _, spec_n, spec_b = (
+        t.detach() if torch.is_tensor(t) else t for t in _operands(_leaves(4, 2, 3, 5), layout)
+    )
     cols = (layout.u_col, layout.low_col, layout.logit_col)
     with pytest.raises(RuntimeError, match="n has dtype Double, expected Float"):
-        kernel.layer_forward(residual, target, proj, spec_n.double(), spec_b, torch.empty(0), *cols, 0.5, 1.0, False, 64)
+        kernel.layer_forward(
+            residual, target, proj, spec_n.double(), spec_b, torch.empty(0), *cols, 0.5, 1.0, False, 64
+        )
     with pytest.raises(RuntimeError, match="b must be contiguous"):
-        kernel.layer_forward(residual, target, proj, spec_n, spec_b.transpose(1, 2).contiguous().transpose(1, 2),
-                             torch.empty(0), *cols, 0.5, 1.0, False, 64)
+        kernel.layer_forward(
+            residual,
+            target,
+            proj,
+            spec_n,
+            spec_b.transpose(1, 2).contiguous().transpose(1, 2),
+            torch.empty(0),
+            *cols,
+            0.5,
+            1.0,
+            False,
+            64,
+        )
     with pytest.raises(RuntimeError, match=r"does not hold the packed columns"):
         kernel.layer_forward(residual, target, proj[:, :10], spec_n, spec_b, torch.empty(0), *cols, 0.5, 1.0, False, 64)
     with pytest.raises(RuntimeError, match=r"noise must be \[T, N\] = \[4, 2\]"):
@@ -112,8 +131,10 @@ def test_a_failed_build_warns_once_and_falls_back_to_torch_ops(tmp_path):
         layout = modulation.ProjectionLayout(6, 3, 2, True)
         h = torch.randn(4, 6, requires_grad=True)
         for _ in range(2):
-            out, weights, probs = modulation.modulate_layer(h, h, torch.randn(4, layout.width), layout, torch.randn(3, 2, 2),
-                                                            torch.randn(3, 2, 6), torch.randn(4, 3), 0.5, 1.0, False)
+            out, weights, probs = modulation.modulate_layer(
+                h, h, torch.randn(4, layout.width), layout, torch.randn(3, 2, 2),
+                torch.randn(3, 2, 6), torch.randn(4, 3), 0.5, 1.0, False,
+            )
             out.sum().backward()
         assert fused_cpu.load() is None and h.grad is not None
         print("FELL_BACK")

@@ -56,8 +56,15 @@ def _reference_hooks(model, config):
             layer_inputs[index] = kwargs.get("hidden_states", args[0] if args else None)
 
         def modulate(module, args, kwargs, output, index=index, p=hycam):
-            h_out, _, _ = reference_equation(p, kwargs["hidden_states"], output[0], layer_inputs[index],
-                                             tau=config["tau"], scale=config["scale"], site=config["site"])
+            h_out, _, _ = reference_equation(
+                p,
+                kwargs["hidden_states"],
+                output[0],
+                layer_inputs[index],
+                tau=config["tau"],
+                scale=config["scale"],
+                site=config["site"],
+            )
             return (h_out, *output[1:])
 
         handles.append(layer.register_forward_pre_hook(capture, with_kwargs=True))
@@ -107,8 +114,13 @@ def _layer_leaves(t, n, r, d, shared, seed):
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).requires_grad_()
 
     # proj scaled so that the router's softmax is neither flat nor saturated
-    leaves = dict(residual=leaf(t, d), target=leaf(t, d), proj=leaf(t, layout.width, scale=1.5),
-                  spec_n=leaf(n, r, r), spec_b=leaf(n, r, d))
+    leaves = dict(
+        residual=leaf(t, d),
+        target=leaf(t, d),
+        proj=leaf(t, layout.width, scale=1.5),
+        spec_n=leaf(n, r, r),
+        spec_b=leaf(n, r, d),
+    )
     noise = torch.randn(t, n, generator=g, dtype=torch.float64)
     return layout, leaves, noise
 
@@ -136,9 +148,10 @@ def test_fused_modulation_gradients(hard, with_shared, chunk_elements, noisy, ke
     grad_out = torch.randn(11, 7, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     grads = [torch.autograd.grad(_through_balance_term(*outs, grad_out), list(leaves.values())) for outs in (ours, ref)]
     torch.testing.assert_close(grads[0], grads[1])
-    padding_grad = grads[0][2][:, layout.logit_col + 5:]
+    padding_grad = grads[0][2][:, layout.logit_col + 5 :]
     assert leaves["proj"].shape[1] % 8 == 0 and not padding_grad.any(), "padding gets no gradient"
     if not hard:
+
         def run(residual, target, proj, spec_n, spec_b):
             return modulation.modulate_layer(residual, target, proj, layout, spec_n, spec_b, noise, 0.6, 1.7, False)
 
@@ -170,8 +183,9 @@ def test_reference_equals_the_model(routing, site, shared, training, kernel):
     """Every HyCAM layer of a float64 model built by apply_hycam computes what
     hycam_ds.modeling.reference states: h_out, routing weights and probs, gradients, balance loss.
     Eval is noise-free; training draws the layer's own Gumbel noise, regenerated here."""
-    cfg = H.HyCAMConfig(routing=routing, eval_routing="argmax" if routing == "hard" else "softmax", site=site,
-                        shared=shared, bias=True)
+    cfg = H.HyCAMConfig(
+        routing=routing, eval_routing="argmax" if routing == "hard" else "softmax", site=site, shared=shared, bias=True
+    )
     model = H.apply_hycam(build_backbone("tiny-llama", VOCAB, dtype=torch.float64), cfg)
     _randomise_hycam(model)
     model.train(training)

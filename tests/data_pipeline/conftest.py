@@ -1,12 +1,13 @@
 """Fixtures of the data pipeline tests: one embedded build per session, real data when present."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from dp_helpers import EMBEDDED_RECIPE, SHARED_DATA
 
 from data_pipeline import BuildConfig, build_dataset
-from dp_helpers import EMBEDDED_RECIPE, SHARED_DATA
 
 
 @pytest.fixture(scope="session")
@@ -23,4 +24,3 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "tasks").is_dir():
         pytest.skip(f"real data not present at {SHARED_DATA}")
     return SHARED_DATA
-

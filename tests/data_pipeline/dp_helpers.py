@@ -1,4 +1,5 @@
 """Constants and helpers shared by the data pipeline tests (fixtures live in conftest.py)."""
+
 from __future__ import annotations
 
 import os
@@ -14,8 +15,13 @@ def write_recipe(path: Path, tasks: dict, **extra) -> str:
     """A recipe YAML with `tasks` = {name: [source specs]}; returns its path."""
     import yaml
 
-    recipe = {"name": "t", "seq_len": 128, "splits": {"train": 0.8, "eval": 0.1, "test": 0.1},
-              "tokenizer": {"vocab_size": 400}, **extra,
-              "tasks": [{"name": n, "sources": s} for n, s in tasks.items()]}
+    recipe = {
+        "name": "t",
+        "seq_len": 128,
+        "splits": {"train": 0.8, "eval": 0.1, "test": 0.1},
+        "tokenizer": {"vocab_size": 400},
+        **extra,
+        "tasks": [{"name": n, "sources": s} for n, s in tasks.items()],
+    }
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return str(path)

@@ -1,4 +1,5 @@
 """Bad input is counted by reason with file and line, --strict stops on it, failures lose nothing."""
+
 from __future__ import annotations
 
 import json
@@ -7,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from dp_helpers import REPO, write_recipe
+
 from data_pipeline import BuildConfig, BuildError, build_dataset, load_manifest
 
 GOOD = {"instruction": "Add two and two.", "input": "", "output": "Four.", "task": "a"}
@@ -29,25 +30,50 @@ BAD_LINES = {
 
 
 def make_inputs(tmp_path: Path) -> str:
-    lines = [json.dumps(GOOD).encode()] + [BAD_LINES[i][0] for i in sorted(BAD_LINES)] + [json.dumps({**GOOD, "output": "4"}).encode()]
+    lines = (
+        [json.dumps(GOOD).encode()]
+        + [BAD_LINES[i][0] for i in sorted(BAD_LINES)]
+        + [json.dumps({**GOOD, "output": "4"}).encode()]
+    )
     (tmp_path / "bad.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     # a JSON list whose second element holds bytes that are not UTF-8
-    (tmp_path / "list.json").write_bytes(b'[\n {"instruction": "ok", "output": "fine"},\n {"instruction": "\xff\xfe", "output": "z"}\n]\n')
-    return write_recipe(tmp_path / "r.yaml", {"a": [{"type": "alpaca", "path": "bad.jsonl", "task_field": "task"},
-                                                    {"type": "alpaca", "path": "list.json"}]},
-                        max_row_bytes=2000)
+    (tmp_path / "list.json").write_bytes(
+        b'[\n {"instruction": "ok", "output": "fine"},\n {"instruction": "\xff\xfe", "output": "z"}\n]\n'
+    )
+    return write_recipe(
+        tmp_path / "r.yaml",
+        {"a": [{"type": "alpaca", "path": "bad.jsonl", "task_field": "task"}, {"type": "alpaca", "path": "list.json"}]},
+        max_row_bytes=2000,
+    )
 
 
 def test_every_bad_row_is_counted_with_file_and_line(tmp_path, embedded_build):
     recipe = make_inputs(tmp_path)
-    out = build_dataset(BuildConfig(recipe=recipe, out=str(tmp_path / "o"), data_root=str(tmp_path),
-                                    tokenizer=str(embedded_build / "tokenizer"), progress=False))
+    out = build_dataset(
+        BuildConfig(
+            recipe=recipe,
+            out=str(tmp_path / "o"),
+            data_root=str(tmp_path),
+            tokenizer=str(embedded_build / "tokenizer"),
+            progress=False,
+        )
+    )
     manifest = load_manifest(out)
     (task,) = manifest["tasks"]
     assert task["rows_read"] == 13 + 2 and task["kept"] == 3
-    assert task["dropped"] == {"malformed_json": 1, "invalid_utf8": 2, "not_object": 1, "missing_field": 1,
-                               "null_field": 1, "wrong_type": 1, "empty_response": 1, "empty_prompt": 1,
-                               "unknown_task": 1, "duplicate": 1, "oversized_row": 1}
+    assert task["dropped"] == {
+        "malformed_json": 1,
+        "invalid_utf8": 2,
+        "not_object": 1,
+        "missing_field": 1,
+        "null_field": 1,
+        "wrong_type": 1,
+        "empty_response": 1,
+        "empty_prompt": 1,
+        "unknown_task": 1,
+        "duplicate": 1,
+        "oversized_row": 1,
+    }
     report = [json.loads(line) for line in (Path(out) / "bad_rows.jsonl").read_text().splitlines()]
     got = {(Path(r["file"]).name, r["line"], r["reason"]) for r in report}
     want = {("bad.jsonl", line, reason) for line, (_, reason) in BAD_LINES.items()} | {("list.json", 3, "invalid_utf8")}
@@ -58,25 +84,56 @@ def test_every_bad_row_is_counted_with_file_and_line(tmp_path, embedded_build):
 def test_strict_stops_at_the_first_bad_row_with_its_location(tmp_path, embedded_build):
     recipe = make_inputs(tmp_path)
     with pytest.raises(BuildError, match=r"bad\.jsonl:2: malformed_json"):
-        build_dataset(BuildConfig(recipe=recipe, out=str(tmp_path / "o"), data_root=str(tmp_path),
-                                  tokenizer=str(embedded_build / "tokenizer"), strict=True, progress=False))
+        build_dataset(
+            BuildConfig(
+                recipe=recipe,
+                out=str(tmp_path / "o"),
+                data_root=str(tmp_path),
+                tokenizer=str(embedded_build / "tokenizer"),
+                strict=True,
+                progress=False,
+            )
+        )
     assert not (tmp_path / "o").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.")]  # no partial temp dir left
 
 
 def test_cli_strict_exits_nonzero_with_the_message(tmp_path, embedded_build):
     recipe = make_inputs(tmp_path)
-    proc = subprocess.run([sys.executable, "-m", "data_pipeline", "build", "--recipe", recipe, "--out", str(tmp_path / "o"),
-                           "--data-root", str(tmp_path), "--tokenizer", str(embedded_build / "tokenizer"), "--strict",
-                           "--no-progress"], cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data_pipeline",
+            "build",
+            "--recipe",
+            recipe,
+            "--out",
+            str(tmp_path / "o"),
+            "--data-root",
+            str(tmp_path),
+            "--tokenizer",
+            str(embedded_build / "tokenizer"),
+            "--strict",
+            "--no-progress",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert "bad.jsonl:2: malformed_json" in proc.stderr
 
 
 def test_failed_build_keeps_the_previous_output(tmp_path, embedded_build):
     recipe = make_inputs(tmp_path)
-    cfg = dict(recipe=recipe, out=str(tmp_path / "o"), data_root=str(tmp_path), tokenizer=str(embedded_build / "tokenizer"),
-               progress=False)
+    cfg = dict(
+        recipe=recipe,
+        out=str(tmp_path / "o"),
+        data_root=str(tmp_path),
+        tokenizer=str(embedded_build / "tokenizer"),
+        progress=False,
+    )
     build_dataset(BuildConfig(**cfg))
     before = {p.relative_to(tmp_path / "o"): p.read_bytes() for p in (tmp_path / "o").rglob("*") if p.is_file()}
     (tmp_path / "bad.jsonl").write_bytes(b"{broken\n")  # now fails in strict mode

@@ -1,4 +1,5 @@
 """The build: manifest, tokenizer, over-long policy, worker determinism, checksum verification."""
+
 from __future__ import annotations
 
 import filecmp
@@ -8,12 +9,19 @@ import subprocess
 import sys
 
 import numpy as np
+from dp_helpers import EMBEDDED_RECIPE, HYCAM5_RECIPE, REPO, write_recipe
 from transformers import AutoTokenizer
 
-from data_pipeline import (BuildConfig, build_dataset, format_prompt, load_manifest, load_tokenizer,
-                           tokenizer_fingerprint, verify)
+from data_pipeline import (
+    BuildConfig,
+    build_dataset,
+    format_prompt,
+    load_manifest,
+    load_tokenizer,
+    tokenizer_fingerprint,
+    verify,
+)
 from data_pipeline.shards import INDEX_COLUMNS
-from dp_helpers import EMBEDDED_RECIPE, HYCAM5_RECIPE, REPO, write_recipe
 
 
 def test_embedded_manifest(embedded_build):
@@ -53,20 +61,28 @@ def test_documents_hold_prompt_response_and_eos(embedded_build):
     tokens = np.fromfile(embedded_build / shard["path"], dtype=m["dtype"]).reshape(-1, m["seq_len"])
     index = np.fromfile(embedded_build / shard["index_path"], dtype="<i4").reshape(-1, len(INDEX_COLUMNS))
     row, start, length, loss_start, task = index[0]
-    doc = tokens[row, start:start + length].tolist()
+    doc = tokens[row, start : start + length].tolist()
     assert doc[0] == tok.bos_token_id and doc[-1] == tok.eos_token_id
     prompt, response = tok.decode(doc[1:loss_start]), tok.decode(doc[loss_start:-1])
     assert prompt.startswith("Below is an instruction") and prompt.endswith("### Response:\n")
     assert "###" not in response and response.strip()
-    assert (tokens[row, index[index[:, 0] == row][:, 2].sum():] == m["pad_id"]).all()
+    assert (tokens[row, index[index[:, 0] == row][:, 2].sum() :] == m["pad_id"]).all()
 
 
 def test_workers_do_not_change_a_single_byte(tmp_path):
     outs = []
     for workers in (1, 2):
         out = tmp_path / f"w{workers}"
-        build_dataset(BuildConfig(recipe=EMBEDDED_RECIPE, out=str(out), train_tokenizer=True, workers=workers,
-                                  progress=False, chunk_size=500))
+        build_dataset(
+            BuildConfig(
+                recipe=EMBEDDED_RECIPE,
+                out=str(out),
+                train_tokenizer=True,
+                workers=workers,
+                progress=False,
+                chunk_size=500,
+            )
+        )
         outs.append(out)
     files = sorted(p.relative_to(outs[0]) for p in outs[0].rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(outs[1]) for p in outs[1].rglob("*") if p.is_file())
@@ -77,26 +93,44 @@ def test_workers_do_not_change_a_single_byte(tmp_path):
 
 def test_overlong_truncate_and_drop_are_counted(tmp_path, embedded_build):
     long_answer = " ".join(f"word{i}" for i in range(400))
-    rows = [{"instruction": "Say a lot.", "output": long_answer},
-            {"instruction": "Short.", "output": "Yes."},
-            {"instruction": "Read this.", "input": " ".join(f"p{i}" for i in range(500)), "output": "Done reading."}]
+    rows = [
+        {"instruction": "Say a lot.", "output": long_answer},
+        {"instruction": "Short.", "output": "Yes."},
+        {"instruction": "Read this.", "input": " ".join(f"p{i}" for i in range(500)), "output": "Done reading."},
+    ]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    recipe = write_recipe(tmp_path / "r.yaml", {"a": [{"type": "alpaca", "path": "d.jsonl"}]},
-                          splits={"train": 1.0})
+    recipe = write_recipe(tmp_path / "r.yaml", {"a": [{"type": "alpaca", "path": "d.jsonl"}]}, splits={"train": 1.0})
     tok = str(embedded_build / "tokenizer")
-    m = load_manifest(build_dataset(BuildConfig(recipe=recipe, out=str(tmp_path / "t"), data_root=str(tmp_path),
-                                                tokenizer=tok, progress=False)))
+    m = load_manifest(
+        build_dataset(
+            BuildConfig(recipe=recipe, out=str(tmp_path / "t"), data_root=str(tmp_path), tokenizer=tok, progress=False)
+        )
+    )
     (task,) = m["tasks"]
     assert (task["kept"], task["truncated"], task["dropped"]) == (3, 2, {})
     out = tmp_path / "t"
-    index = np.concatenate([np.fromfile(out / s["index_path"], dtype="<i4").reshape(-1, 5) for s in m["splits"]["train"]["shards"]])
+    index = np.concatenate(
+        [np.fromfile(out / s["index_path"], dtype="<i4").reshape(-1, 5) for s in m["splits"]["train"]["shards"]]
+    )
     assert index[:, 2].max() == 128  # truncated documents fill the row exactly
-    tokens = np.concatenate([np.fromfile(out / s["path"], dtype=m["dtype"]).reshape(-1, 128) for s in m["splits"]["train"]["shards"]])
+    tokens = np.concatenate(
+        [np.fromfile(out / s["path"], dtype=m["dtype"]).reshape(-1, 128) for s in m["splits"]["train"]["shards"]]
+    )
     t = load_tokenizer(out / "tokenizer")
-    cut_prompt = [tokens[r, s:s + n] for r, s, n, ls, _ in index if "Read this" in t.decode(tokens[r, s:s + ls])]
+    cut_prompt = [tokens[r, s : s + n] for r, s, n, ls, _ in index if "Read this" in t.decode(tokens[r, s : s + ls])]
     assert t.decode(cut_prompt[0]).count("### Response:") == 1  # the long input is cut, the template tail kept
-    m = load_manifest(build_dataset(BuildConfig(recipe=recipe, out=str(tmp_path / "d"), data_root=str(tmp_path),
-                                                tokenizer=tok, overlong="drop", progress=False)))
+    m = load_manifest(
+        build_dataset(
+            BuildConfig(
+                recipe=recipe,
+                out=str(tmp_path / "d"),
+                data_root=str(tmp_path),
+                tokenizer=tok,
+                overlong="drop",
+                progress=False,
+            )
+        )
+    )
     (task,) = m["tasks"]
     assert (task["kept"], task["truncated"], task["dropped"]) == (1, 0, {"too_long": 2})
 
@@ -113,16 +147,28 @@ def test_verify_names_a_flipped_byte_and_a_truncated_shard(tmp_path, embedded_bu
     (out / cut).write_bytes((out / cut).read_bytes()[:-3])
     problems = verify(out)
     assert len(problems) == 2 and flipped in problems[0] and "sha256" in problems[0] and cut in problems[1]
-    proc = subprocess.run([sys.executable, "-m", "data_pipeline", "verify", str(out)], cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "data_pipeline", "verify", str(out)], cwd=REPO, capture_output=True, text=True
+    )
     assert proc.returncode == 1 and flipped in proc.stderr and cut in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "data_pipeline", "verify", str(embedded_build)], cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "data_pipeline", "verify", str(embedded_build)], cwd=REPO, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr
 
 
 def test_hycam5_real_build(tmp_path, shared_data, embedded_build):
     """The five real tasks build into shards (with a tokenizer given by path) at >= 0.98 packing."""
-    out = build_dataset(BuildConfig(recipe=HYCAM5_RECIPE, out=str(tmp_path / "h5"), data_root=str(shared_data),
-                                    tokenizer=str(embedded_build / "tokenizer"), workers=2, progress=False))
+    out = build_dataset(
+        BuildConfig(
+            recipe=HYCAM5_RECIPE,
+            out=str(tmp_path / "h5"),
+            data_root=str(shared_data),
+            tokenizer=str(embedded_build / "tokenizer"),
+            workers=2,
+            progress=False,
+        )
+    )
     m = load_manifest(out)
     rows = {t["name"]: (t["rows_read"], t["kept"]) for t in m["tasks"]}
     # the real files repeat 11 Auto-CoT and 3 Dolly examples verbatim: later copies are dropped as duplicates

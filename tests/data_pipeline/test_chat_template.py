@@ -1,5 +1,6 @@
 """The chat template option: rendering, loss boundary, BOS/EOS, manifest, reader refusal, and the
 prompts generation builds (launch/generate.py, hycam_ds.eval.generation) matching the shards'."""
+
 from __future__ import annotations
 
 import filecmp
@@ -10,16 +11,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from dp_helpers import EMBEDDED_RECIPE, REPO, write_recipe
 
-from data_pipeline import (BuildConfig, BuildError, ShardReader, block_causal_mask, build_dataset, iter_documents,
-                           load_manifest, load_tokenizer, prompt_format)
+from data_pipeline import (
+    BuildConfig,
+    BuildError,
+    ShardReader,
+    block_causal_mask,
+    build_dataset,
+    iter_documents,
+    load_manifest,
+    load_tokenizer,
+    prompt_format,
+)
 from data_pipeline.__main__ import main as data_pipeline_main
 from data_pipeline.encode import encode_texts, template_tail_tokens
 from data_pipeline.shards import manifest_digest
-from dp_helpers import EMBEDDED_RECIPE, REPO, write_recipe
 
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 SYSTEM = "You answer briefly."
 
 # (instruction, input, output): with and without input, digits, punctuation, code indentation
@@ -31,7 +43,9 @@ EXAMPLES = [(f"Add {a} and {b}.", "", f"{a} + {b} = {a + b}.") for a, b in ((3, 
 ]
 
 
-def chat_tokenizer(source: Path, out: Path, template: str = CHATML, eos: str = "<|im_end|>", named: bool = True) -> Path:
+def chat_tokenizer(
+    source: Path, out: Path, template: str = CHATML, eos: str = "<|im_end|>", named: bool = True
+) -> Path:
     """A tokenizer trained here, made chat-capable: ChatML special tokens, a chat template, EOS.
     `named=False` adds them as special tokens no role lists (as Llama-3 adds `<|eot_id|>`)."""
     from tokenizers import AddedToken
@@ -50,10 +64,16 @@ def chat_tokenizer(source: Path, out: Path, template: str = CHATML, eos: str = "
 def build(tmp: Path, name: str, tokenizer: Path, **recipe_extra) -> Path:
     rows = "".join(json.dumps({"instruction": i, "input": x, "output": o}) + "\n" for i, x, o in EXAMPLES)
     (tmp / "d.jsonl").write_text(rows)
-    recipe = write_recipe(tmp / f"{name}.yaml", {"a": [{"type": "alpaca", "path": "d.jsonl"}]},
-                          splits={"eval": 1.0}, **recipe_extra)
-    return Path(build_dataset(BuildConfig(recipe=recipe, out=str(tmp / name), data_root=str(tmp),
-                                          tokenizer=str(tokenizer), progress=False)))
+    recipe = write_recipe(
+        tmp / f"{name}.yaml", {"a": [{"type": "alpaca", "path": "d.jsonl"}]}, splits={"eval": 1.0}, **recipe_extra
+    )
+    return Path(
+        build_dataset(
+            BuildConfig(
+                recipe=recipe, out=str(tmp / name), data_root=str(tmp), tokenizer=str(tokenizer), progress=False
+            )
+        )
+    )
 
 
 def documents(out: Path) -> list[tuple[list[int], int]]:
@@ -75,7 +95,9 @@ def test_special_tokens_in_text_encode_as_their_single_ids(chatml):
     start, end = tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
     ids, _ = encode_texts(tok, ["<|im_start|>user\nHi.<|im_end|>\n<|im_start|>assistant\n"])
     assert ids.tolist().count(start) == 2 and ids.tolist().count(end) == 1 and ids[0] == start
-    assert not any("|" in piece for piece in tok.convert_ids_to_tokens([i for i in ids.tolist() if i not in (start, end)]))
+    assert not any(
+        "|" in piece for piece in tok.convert_ids_to_tokens([i for i in ids.tolist() if i not in (start, end)])
+    )
 
 
 def test_loss_covers_exactly_the_answer_and_its_end_of_turn(chat_build):
@@ -117,7 +139,9 @@ def test_system_prompt_is_rendered_when_set(tmp_path, chatml):
     out = build(tmp_path, "sys", chatml, template="chat", system_prompt=SYSTEM)
     tok = load_tokenizer(out / "tokenizer")
     for tokens, loss_start in documents(out):
-        assert tok.decode(tokens[1:loss_start]).startswith(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n")
+        assert tok.decode(tokens[1:loss_start]).startswith(
+            f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n"
+        )
     assert load_manifest(out)["template"]["system_prompt"] == SYSTEM
 
 
@@ -148,15 +172,25 @@ def test_a_cut_prompt_keeps_the_chat_tail(tmp_path, chatml):
     encode = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     tail = template_tail_tokens(prompt_format("chat", tok), encode)
     assert tok.decode(encode(prompt_format("chat", tok).prompt("Hi."))[-tail:]) == "<|im_end|>\n<|im_start|>assistant\n"
-    (tmp_path / "d.jsonl").write_text(json.dumps({"instruction": "Read this.", "input": " ".join(f"p{i}" for i in range(300)),
-                                                  "output": "Done reading."}) + "\n")
-    recipe = write_recipe(tmp_path / "r.yaml", {"a": [{"type": "alpaca", "path": "d.jsonl"}]}, splits={"eval": 1.0},
-                          template="chat")
-    out = Path(build_dataset(BuildConfig(recipe=recipe, out=str(tmp_path / "o"), data_root=str(tmp_path),
-                                         tokenizer=str(chatml), progress=False)))
+    (tmp_path / "d.jsonl").write_text(
+        json.dumps(
+            {"instruction": "Read this.", "input": " ".join(f"p{i}" for i in range(300)), "output": "Done reading."}
+        )
+        + "\n"
+    )
+    recipe = write_recipe(
+        tmp_path / "r.yaml", {"a": [{"type": "alpaca", "path": "d.jsonl"}]}, splits={"eval": 1.0}, template="chat"
+    )
+    out = Path(
+        build_dataset(
+            BuildConfig(
+                recipe=recipe, out=str(tmp_path / "o"), data_root=str(tmp_path), tokenizer=str(chatml), progress=False
+            )
+        )
+    )
     ((tokens, loss_start),) = documents(out)
     assert len(tokens) == 128 and load_manifest(out)["tasks"][0]["truncated"] == 1
-    assert tok.decode(tokens[loss_start - tail:loss_start]) == "<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.decode(tokens[loss_start - tail : loss_start]) == "<|im_end|>\n<|im_start|>assistant\n"
     assert tok.decode(tokens[loss_start:]) == "Done reading.<|im_end|>"
 
 
@@ -165,15 +199,25 @@ def test_packed_chat_documents_stay_isolated(chat_build):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=load_manifest(chat_build)["vocab_size"], hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, attn_implementation="sdpa")
+    config = LlamaConfig(
+        vocab_size=load_manifest(chat_build)["vocab_size"],
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        attn_implementation="sdpa",
+    )
     model = LlamaForCausalLM(config).eval()
     batch = next(iter(ShardReader(chat_build, split="eval", micro_batch_size=1, drop_last=False)))
     seg = batch["segment_ids"][0]
     assert int(seg.max()) >= 2
     with torch.no_grad():
-        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                       attention_mask=block_causal_mask(batch["segment_ids"])).logits[0]
+        packed = model(
+            input_ids=batch["input_ids"],
+            position_ids=batch["position_ids"],
+            attention_mask=block_causal_mask(batch["segment_ids"]),
+        ).logits[0]
         for doc in range(1, int(seg.max()) + 1):
             where = (seg == doc).nonzero().squeeze(1)
             assert torch.equal(batch["position_ids"][0, where], torch.arange(len(where)))
@@ -183,12 +227,15 @@ def test_packed_chat_documents_stay_isolated(chat_build):
 
 def test_alpaca_is_the_default_byte_for_byte(tmp_path, embedded_build):
     tok = embedded_build / "tokenizer"
-    plain, explicit = build(tmp_path, "plain", tok), build(tmp_path, "explicit", tok, template="alpaca", system_prompt=None)
+    plain, explicit = (
+        build(tmp_path, "plain", tok),
+        build(tmp_path, "explicit", tok, template="alpaca", system_prompt=None),
+    )
     files = sorted(p.relative_to(plain) for p in plain.rglob("*") if p.is_file())
     assert len(files) > 5 and files == sorted(p.relative_to(explicit) for p in explicit.rglob("*") if p.is_file())
     for rel in files:
         assert filecmp.cmp(plain / rel, explicit / rel, shallow=False), rel
-    for tokens, loss_start in documents(plain):  # alpaca still appends EOS
+    for tokens, _loss_start in documents(plain):  # alpaca still appends EOS
         assert tokens[-1] == load_tokenizer(tok).eos_token_id and tokens[-2] != tokens[-1]
 
 
@@ -196,18 +243,44 @@ def test_chat_without_a_chat_template_fails_before_any_work(tmp_path, embedded_b
     with pytest.raises(BuildError, match="has no chat template; use template: alpaca"):
         build(tmp_path, "x", embedded_build / "tokenizer", template="chat")
     with pytest.raises(BuildError, match="has no chat template; use template: alpaca"):
-        build_dataset(BuildConfig(recipe=EMBEDDED_RECIPE, out=str(tmp_path / "y"), train_tokenizer=True, template="chat",
-                                  progress=False))
+        build_dataset(
+            BuildConfig(
+                recipe=EMBEDDED_RECIPE, out=str(tmp_path / "y"), train_tokenizer=True, template="chat", progress=False
+            )
+        )
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
-    assert data_pipeline_main(["build", "--recipe", EMBEDDED_RECIPE, "--out", str(tmp_path / "z"), "--train-tokenizer",
-                               "--template", "chat", "--no-progress"]) == 2
+    assert (
+        data_pipeline_main(
+            [
+                "build",
+                "--recipe",
+                EMBEDDED_RECIPE,
+                "--out",
+                str(tmp_path / "z"),
+                "--train-tokenizer",
+                "--template",
+                "chat",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
 
 
 def test_a_bad_template_value_names_the_recipe_and_key(tmp_path, chatml):
     with pytest.raises(BuildError, match=r"r\.yaml: template must be one of \['alpaca', 'chat'\], not 'chatml'"):
-        build_dataset(BuildConfig(recipe=write_recipe(tmp_path / "r.yaml", {"a": [{"type": "embedded", "generator": "arithmetic",
-                                                                                  "count": 5}]}, template="chatml"),
-                                  out=str(tmp_path / "o"), tokenizer=str(chatml), progress=False))
+        build_dataset(
+            BuildConfig(
+                recipe=write_recipe(
+                    tmp_path / "r.yaml",
+                    {"a": [{"type": "embedded", "generator": "arithmetic", "count": 5}]},
+                    template="chatml",
+                ),
+                out=str(tmp_path / "o"),
+                tokenizer=str(chatml),
+                progress=False,
+            )
+        )
 
 
 def test_the_reader_refuses_a_template_mismatch(tmp_path, chat_build, embedded_build):
@@ -286,8 +359,23 @@ def test_evaluation_stops_at_the_end_of_turn_and_skips_it(chat_build):
 def test_smollm2_chat_build_of_the_embedded_tasks(tmp_path, smollm2_dir):
     backbone = smollm2_dir  # the real backbone, fetched once per machine (tests/conftest.py)
     out = tmp_path / "smol"
-    assert data_pipeline_main(["build", "--recipe", EMBEDDED_RECIPE, "--out", str(out), "--tokenizer", str(backbone),
-                               "--template", "chat", "--no-progress"]) == 0
+    assert (
+        data_pipeline_main(
+            [
+                "build",
+                "--recipe",
+                EMBEDDED_RECIPE,
+                "--out",
+                str(out),
+                "--tokenizer",
+                str(backbone),
+                "--template",
+                "chat",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     m = load_manifest(out)
     tok = load_tokenizer(out / "tokenizer")
     end = tok.convert_tokens_to_ids("<|im_end|>")
@@ -298,6 +386,8 @@ def test_smollm2_chat_build_of_the_embedded_tasks(tmp_path, smollm2_dir):
     text = tok.decode(tokens)
     # the template writes <|im_start|> (SmolLM2's BOS) itself and its default system turn
     assert text.startswith("<|im_start|>system\n") and not text.startswith("<|im_start|><|im_start|>")
-    assert "<|im_start|>user\n" in text and tok.decode(tokens[:loss_start]).endswith("<|im_end|>\n<|im_start|>assistant\n")
+    assert "<|im_start|>user\n" in text and tok.decode(tokens[:loss_start]).endswith(
+        "<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert tokens[-1] == end and tokens[-2] != end
     assert np.count_nonzero(np.asarray(tokens) == end) == 3  # system, user and assistant turns

@@ -1,4 +1,5 @@
 """The embedded corpus: deterministic, varied, and correct enough to learn from."""
+
 from __future__ import annotations
 
 import ast
@@ -16,7 +17,7 @@ def test_deterministic_by_seed_and_varied():
 
 
 def test_arithmetic_answers_are_right():
-    for question, _, answer in generate("arithmetic", 200, 5):
+    for _question, _, answer in generate("arithmetic", 200, 5):
         steps = re.findall(r"(\d+) ([-+x/]) (\d+) = (\d+)", answer)
         assert steps, answer
         for a, op, b, result in steps:
@@ -31,7 +32,7 @@ def test_code_answers_are_valid_python():
 
 
 def test_retrieval_answer_is_in_the_cited_passage():
-    for question, passages, answer in generate("retrieval", 200, 4):
+    for _question, passages, answer in generate("retrieval", 200, 4):
         sentence, cite = re.fullmatch(r"(.*) \[(\d)\]", answer).groups()
         cited = passages.split("\n\n")[int(cite) - 1]
         assert sentence in cited

@@ -1,4 +1,5 @@
 """Packing: best-fit-decreasing, the block-causal mask, and document isolation in a real model."""
+
 from __future__ import annotations
 
 import math
@@ -33,10 +34,10 @@ def test_block_causal_mask():
     seg = torch.tensor([[1, 1, 2, 2, 2, 0, 0]])
     m = block_causal_mask(seg)[0, 0]
     assert m.shape == (7, 7) and m.dtype == torch.bool
-    assert m[1, 0] and not m[0, 1]          # causal within a document
-    assert not m[2, 1] and m[4, 2]          # no attention across documents
+    assert m[1, 0] and not m[0, 1]  # causal within a document
+    assert not m[2, 1] and m[4, 2]  # no attention across documents
     assert m[5, 5] and not m[5, 4] and not m[6, 5]  # padding attends only to itself
-    assert m.any(dim=-1).all()              # no fully masked row (SDPA would give NaN)
+    assert m.any(dim=-1).all()  # no fully masked row (SDPA would give NaN)
 
 
 def test_packed_row_logits_equal_each_document_alone(embedded_build):
@@ -46,16 +47,26 @@ def test_packed_row_logits_equal_each_document_alone(embedded_build):
 
     manifest = load_manifest(embedded_build)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=manifest["vocab_size"], hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         attn_implementation="sdpa")
+    config = LlamaConfig(
+        vocab_size=manifest["vocab_size"],
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        attn_implementation="sdpa",
+    )
     model = LlamaForCausalLM(config).eval()
     reader = ShardReader(embedded_build, split="eval", micro_batch_size=2, drop_last=False)
     batch = next(iter(reader))
     assert (batch["segment_ids"].max(dim=1).values >= 2).all()  # rows really hold several documents
     with torch.no_grad():
-        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                       attention_mask=block_causal_mask(batch["segment_ids"])).logits
+        packed = model(
+            input_ids=batch["input_ids"],
+            position_ids=batch["position_ids"],
+            attention_mask=block_causal_mask(batch["segment_ids"]),
+        ).logits
         checked = 0
         for b in range(batch["input_ids"].shape[0]):
             for doc in range(1, int(batch["segment_ids"][b].max()) + 1):

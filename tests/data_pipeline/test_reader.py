@@ -1,4 +1,5 @@
 """The reader: batch contents, fingerprint check, exact resume, ranks without overlap."""
+
 from __future__ import annotations
 
 import json
@@ -71,8 +72,10 @@ def test_resume_yields_exactly_the_next_batches(embedded_build, sampling):
 def test_two_ranks_partition_a_train_epoch(embedded_build):
     m = load_manifest(embedded_build)
     n_rows, B = m["splits"]["train"]["sequences"], 4
-    readers = [ShardReader(embedded_build, rank=r, world_size=2, micro_batch_size=B, seed=3, task_sampling="sequential")
-               for r in range(2)]
+    readers = [
+        ShardReader(embedded_build, rank=r, world_size=2, micro_batch_size=B, seed=3, task_sampling="sequential")
+        for r in range(2)
+    ]
     steps = n_rows // (2 * B)
     seen = [[row for batch, _ in zip(r, range(steps)) for row in rows_of(batch)] for r in readers]
     assert not set(seen[0]) & set(seen[1])
@@ -95,12 +98,18 @@ def test_epochs_reshuffle(embedded_build):
 @pytest.mark.parametrize("split", ["eval", "test"])
 def test_eval_ranks_are_disjoint_and_cover_everything(embedded_build, split):
     n_rows = load_manifest(embedded_build)["splits"][split]["sequences"]
-    shards = [list(ShardReader(embedded_build, split=split, rank=r, world_size=2, micro_batch_size=3, drop_last=False))
-              for r in range(2)]
+    shards = [
+        list(ShardReader(embedded_build, split=split, rank=r, world_size=2, micro_batch_size=3, drop_last=False))
+        for r in range(2)
+    ]
     seen = [[row for batch in s for row in rows_of(batch)] for s in shards]
     assert not set(seen[0]) & set(seen[1])
     assert len(seen[0]) + len(seen[1]) == n_rows == len(set(seen[0]) | set(seen[1]))
-    single = [row for batch in ShardReader(embedded_build, split=split, micro_batch_size=3, drop_last=False) for row in rows_of(batch)]
+    single = [
+        row
+        for batch in ShardReader(embedded_build, split=split, micro_batch_size=3, drop_last=False)
+        for row in rows_of(batch)
+    ]
     assert sorted(single) == sorted(seen[0] + seen[1])
 
 

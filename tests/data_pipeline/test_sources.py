@@ -1,9 +1,9 @@
 """Every source adapter, on small inline files (always) and on the real rows (when present)."""
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
-
 
 from data_pipeline.examples import BadRow, Example
 from data_pipeline.sources import read_source
@@ -21,7 +21,10 @@ def examples(spec, root, **kw):
 
 
 def test_alpaca_json_list_jsonl_and_parquet(tmp_path):
-    data = [{"instruction": "Add.", "input": "1 2", "output": "3"}, {"instruction": "Say hi.", "input": "", "output": "hi"}]
+    data = [
+        {"instruction": "Add.", "input": "1 2", "output": "3"},
+        {"instruction": "Say hi.", "input": "", "output": "hi"},
+    ]
     (tmp_path / "a.json").write_text(json.dumps(data, indent=2))
     (tmp_path / "a.jsonl").write_text("".join(json.dumps(d) + "\n" for d in data))
     import pyarrow as pa
@@ -38,9 +41,17 @@ def test_alpaca_json_list_jsonl_and_parquet(tmp_path):
 
 def test_alpaca_field_renames_and_task_field(tmp_path):
     (tmp_path / "m.jsonl").write_text(
-        json.dumps({"q": "Why?", "a": "Because.", "task": "x"}) + "\n" + json.dumps({"q": "Hm?", "a": "Yes.", "task": "zzz"}) + "\n")
-    got = rows({"type": "alpaca", "path": "m.jsonl", "fields": {"instruction": "q", "output": "a"}, "task_field": "task"},
-               tmp_path, task="x", tasks=("x", "y"))
+        json.dumps({"q": "Why?", "a": "Because.", "task": "x"})
+        + "\n"
+        + json.dumps({"q": "Hm?", "a": "Yes.", "task": "zzz"})
+        + "\n"
+    )
+    got = rows(
+        {"type": "alpaca", "path": "m.jsonl", "fields": {"instruction": "q", "output": "a"}, "task_field": "task"},
+        tmp_path,
+        task="x",
+        tasks=("x", "y"),
+    )
     assert got[0] == Example("x", "Why?", "", "Because.", str(tmp_path / "m.jsonl"), 1)
     assert isinstance(got[1], BadRow) and got[1].reason == "unknown_task"
 
@@ -52,38 +63,69 @@ def test_icliniq_uses_the_suggested_instruction(tmp_path):
 
 
 def test_dolly_takes_text_and_drops_decoded(tmp_path):
-    (tmp_path / "d.jsonl").write_text(json.dumps({"id": 0, "instruction": "When?", "text": "In 2000.", "decoded": "MODEL OUTPUT"}) + "\n")
+    (tmp_path / "d.jsonl").write_text(
+        json.dumps({"id": 0, "instruction": "When?", "text": "In 2000.", "decoded": "MODEL OUTPUT"}) + "\n"
+    )
     (e,) = examples({"type": "dolly", "path": "d.jsonl"}, tmp_path)
     assert (e.instruction, e.input, e.output) == ("When?", "", "In 2000.")
     assert "MODEL OUTPUT" not in repr(e)
 
 
 def test_webgpt_joins_both_answer_sources_with_their_quotes(tmp_path):
-    answers = [{"question_id": 7, "question": "Why is the sky blue?", "webgpt_answer": "Scattering [1].", "human_answer": "Rayleigh."},
-               {"question_id": 8, "question": "Q2", "webgpt_answer": "A2", "human_answer": ""}]
-    docs_w = [{"question_id": 7, "question": "-", "docs": [{"doc_id": "w0", "title": "Sky", "text": "Light scatters."}]},
-              {"question_id": 8, "question": "-", "docs": [{"doc_id": "w1", "title": "T", "text": "x"}, {"doc_id": "w2", "title": "U", "text": "y"}]}]
-    docs_h = [{"question_id": 7, "question": "-", "docs": [{"doc_id": "h0", "title": "Physics", "text": "Rayleigh scattering."}]},
-              {"question_id": 8, "question": "-", "docs": []}]
+    answers = [
+        {
+            "question_id": 7,
+            "question": "Why is the sky blue?",
+            "webgpt_answer": "Scattering [1].",
+            "human_answer": "Rayleigh.",
+        },
+        {"question_id": 8, "question": "Q2", "webgpt_answer": "A2", "human_answer": ""},
+    ]
+    docs_w = [
+        {"question_id": 7, "question": "-", "docs": [{"doc_id": "w0", "title": "Sky", "text": "Light scatters."}]},
+        {
+            "question_id": 8,
+            "question": "-",
+            "docs": [{"doc_id": "w1", "title": "T", "text": "x"}, {"doc_id": "w2", "title": "U", "text": "y"}],
+        },
+    ]
+    docs_h = [
+        {
+            "question_id": 7,
+            "question": "-",
+            "docs": [{"doc_id": "h0", "title": "Physics", "text": "Rayleigh scattering."}],
+        },
+        {"question_id": 8, "question": "-", "docs": []},
+    ]
     for name, obj in (("answers.json", answers), ("w.json", docs_w), ("h.json", docs_h)):
         (tmp_path / name).write_text(json.dumps(obj))
     got = rows({"type": "webgpt", "answers": "answers.json", "docs_webgpt": "w.json", "docs_human": "h.json"}, tmp_path)
-    assert got[0].instruction == "Why is the sky blue?" and got[0].input == "[1] Sky\nLight scatters." and got[0].output == "Scattering [1]."
+    assert (
+        got[0].instruction == "Why is the sky blue?"
+        and got[0].input == "[1] Sky\nLight scatters."
+        and got[0].output == "Scattering [1]."
+    )
     assert got[1].input == "[1] Physics\nRayleigh scattering." and got[1].output == "Rayleigh."
     assert got[2].input == "[1] T\nx\n\n[2] U\ny"
     assert isinstance(got[3], BadRow) and got[3].reason == "empty_response"
 
 
 def test_clapnq_uses_passage_and_last_answer(tmp_path):
-    row = {"id": "1", "input": "who won", "passages": [{"title": "Cup", "text": "Team A won ."}],
-           "output": [{"answer": "first"}, {"answer": "Team A won ."}]}
+    row = {
+        "id": "1",
+        "input": "who won",
+        "passages": [{"title": "Cup", "text": "Team A won ."}],
+        "output": [{"answer": "first"}, {"answer": "Team A won ."}],
+    }
     (tmp_path / "c.jsonl").write_text(json.dumps(row) + "\n")
     (e,) = examples({"type": "clapnq", "path": "c.jsonl"}, tmp_path)
     assert (e.instruction, e.input, e.output) == ("who won", "Cup\nTeam A won .", "Team A won .")
 
 
 def test_hf_datasets_spec_on_a_local_file(tmp_path):
-    (tmp_path / "h.jsonl").write_text("".join(json.dumps({"instruction": f"I{i}", "input": "", "output": f"O{i}"}) + "\n" for i in range(3)))
+    (tmp_path / "h.jsonl").write_text(
+        "".join(json.dumps({"instruction": f"I{i}", "input": "", "output": f"O{i}"}) + "\n" for i in range(3))
+    )
     got = examples({"type": "hf", "dataset": "json", "data_files": "h.jsonl"}, tmp_path)
     assert [(e.instruction, e.output, e.line) for e in got] == [("I0", "O0", 1), ("I1", "O1", 2), ("I2", "O2", 3)]
 
@@ -94,6 +136,7 @@ def test_embedded_source_yields_examples(tmp_path):
 
 
 # ---- real rows (skipped without ../shared/data) ----
+
 
 def test_real_auto_cot_and_code_alpaca(shared_data):
     auto = examples({"type": "alpaca", "path": "tasks/auto_cot/Auto-CoT.json"}, shared_data)
@@ -120,8 +163,12 @@ def test_real_dolly_never_reads_decoded(shared_data):
 
 
 def test_real_webgpt_and_clapnq(shared_data):
-    spec = {"type": "webgpt", "answers": "tasks/webgpt/answers.json",
-            "docs_webgpt": "tasks/webgpt/docs-webgpt.json", "docs_human": "tasks/webgpt/docs-human.json"}
+    spec = {
+        "type": "webgpt",
+        "answers": "tasks/webgpt/answers.json",
+        "docs_webgpt": "tasks/webgpt/docs-webgpt.json",
+        "docs_human": "tasks/webgpt/docs-human.json",
+    }
     got = rows(spec, shared_data)
     good = [e for e in got if isinstance(e, Example)]
     assert len(got) == 2 * 271 and len(good) >= 520

@@ -4,10 +4,10 @@ import json
 import time
 
 import pytest
+from run_helpers import REPO, run_train
 
 from hycam_ds.engine.ds_config import load_ds_config, resolve_ds_config
 from hycam_ds.engine.train_config import ConfigError, TrainConfig, load_train_config
-from run_helpers import REPO, run_train
 
 INVALID = [
     (["unknown_top=1"], "unknown key unknown_top"),
@@ -94,8 +94,12 @@ def test_ds_batch_sizes_must_agree_with_yaml_and_world_size():
     assert resolved["train_batch_size"] == cfg.optim.micro_batch_size * cfg.optim.grad_accum * 4
     assert resolved["optimizer"]["params"]["lr"] == cfg.optim.lr
     assert resolved["scheduler"]["params"]["total_num_steps"] == cfg.optim.max_steps
-    for key, value, field in (("train_batch_size", 999, "train_batch_size"), ("train_micro_batch_size_per_gpu", 7, "optim.micro_batch_size"),
-                              ("gradient_accumulation_steps", 3, "optim.grad_accum"), ("gradient_clipping", 5.0, "optim.grad_clip")):
+    for key, value, field in (
+        ("train_batch_size", 999, "train_batch_size"),
+        ("train_micro_batch_size_per_gpu", 7, "optim.micro_batch_size"),
+        ("gradient_accumulation_steps", 3, "optim.grad_accum"),
+        ("gradient_clipping", 5.0, "optim.grad_clip"),
+    ):
         with pytest.raises(ConfigError, match=field):
             resolve_ds_config({**raw, key: value}, cfg, world_size=4, bf16=False)
     with pytest.raises(ConfigError, match="bf16.enabled"):
@@ -103,7 +107,9 @@ def test_ds_batch_sizes_must_agree_with_yaml_and_world_size():
     with pytest.raises(ConfigError, match="fp16"):
         resolve_ds_config({**raw, "fp16": {"enabled": True}}, cfg, world_size=1, bf16=False)
     with pytest.raises(ConfigError, match="zero_optimization.sub_group_size"):
-        resolve_ds_config({**raw, "zero_optimization": {"stage": 3, "sub_group_size": "auto"}}, cfg, world_size=1, bf16=False)
+        resolve_ds_config(
+            {**raw, "zero_optimization": {"stage": 3, "sub_group_size": "auto"}}, cfg, world_size=1, bf16=False
+        )
 
 
 def test_entry_point_rejects_before_loading_anything(tmp_path):
@@ -114,6 +120,8 @@ def test_entry_point_rejects_before_loading_anything(tmp_path):
     assert not (tmp_path / "run").exists(), "nothing may be written for an invalid configuration"
     bad_json = tmp_path / "ds.json"
     bad_json.write_text(json.dumps({"train_batch_size": 3, "zero_optimization": {"stage": 3}}))
-    result = run_train(["--ds_config", str(bad_json), f"run_dir={tmp_path}/run2", "optim.micro_batch_size=2"], check=False)
+    result = run_train(
+        ["--ds_config", str(bad_json), f"run_dir={tmp_path}/run2", "optim.micro_batch_size=2"], check=False
+    )
     assert result.returncode == 2 and "train_batch_size=3 disagrees" in result.stderr
     assert time.perf_counter() - started < 120

@@ -8,9 +8,9 @@ import subprocess
 import sys
 
 import pytest
+from run_helpers import REPO, quick_args, run_in_own_group, run_train
 
 from data_pipeline.pretrained import PretrainedRef, PretrainedRefError, parse_pretrained
-from run_helpers import REPO, quick_args, run_in_own_group, run_train
 
 ORG, NAME, REVISION = "hycam-test", "tiny-llama", "0123456789abcdef0123456789abcdef01234567"
 HUB_ID = f"{ORG}/{NAME}"
@@ -25,7 +25,11 @@ def test_parse_pretrained_forms(tmp_path):
     assert gguf.name_or_path == str(tmp_path.resolve()) and gguf.kwargs() == {"gguf_file": "m.Q4_1.gguf"}
     assert str(gguf) == str(tmp_path.resolve() / "m.Q4_1.gguf")
     hub = parse_pretrained("Qwen/Qwen2.5-0.5B@v1.0")
-    assert (hub.name_or_path, hub.kwargs(), str(hub)) == ("Qwen/Qwen2.5-0.5B", {"revision": "v1.0"}, "Qwen/Qwen2.5-0.5B@v1.0")
+    assert (hub.name_or_path, hub.kwargs(), str(hub)) == (
+        "Qwen/Qwen2.5-0.5B",
+        {"revision": "v1.0"},
+        "Qwen/Qwen2.5-0.5B@v1.0",
+    )
     assert parse_pretrained("meta-llama/Llama-3.2-1B").kwargs() == {}
     for bad in ("", "./missing", "/no/such/dir", "a/b/c", "org/name@", "x.gguf", "org/na me"):
         with pytest.raises(PretrainedRefError):
@@ -75,41 +79,92 @@ def run_entry(cmd, env, timeout=600):
 def test_hub_id_through_build_train_evaluate_generate(tmp_path, hub_cache):
     env = offline_env(hub_cache)
     data = tmp_path / "data"
-    run_entry(["-m", "data_pipeline", "build", "--recipe", "data_pipeline/recipes/embedded.yaml", "--out", str(data),
-               "--tokenizer", HUB_ID, "--seq-len", "128", "--no-progress"], env)
+    run_entry(
+        [
+            "-m",
+            "data_pipeline",
+            "build",
+            "--recipe",
+            "data_pipeline/recipes/embedded.yaml",
+            "--out",
+            str(data),
+            "--tokenizer",
+            HUB_ID,
+            "--seq-len",
+            "128",
+            "--no-progress",
+        ],
+        env,
+    )
     manifest = json.loads((data / "manifest.json").read_text())
     assert manifest["tokenizer"]["source"] == HUB_ID  # recorded as written, not as a path
 
     run = tmp_path / "run"
-    run_train(quick_args(run, data, steps=2, **{"model.path": f"{HUB_ID}@{REVISION}", "logging.eval_every": 0}), env=env)
+    run_train(
+        quick_args(run, data, steps=2, **{"model.path": f"{HUB_ID}@{REVISION}", "logging.eval_every": 0}), env=env
+    )
     info = json.loads((run / "run_info.json").read_text())
     assert info["model"]["path"] == f"{HUB_ID}@{REVISION}" and info["tokenizer"] == f"{HUB_ID}@{REVISION}"
     assert (run / "adapter" / "adapter.safetensors").is_file()
 
     report_dir = tmp_path / "eval"
-    run_entry(["launch/evaluate.py", "--run-dir", str(run), "--out", str(report_dir), "--max-examples", "2",
-               "--max-new-tokens", "4", "--no-progress"], env)
+    run_entry(
+        [
+            "launch/evaluate.py",
+            "--run-dir",
+            str(run),
+            "--out",
+            str(report_dir),
+            "--max-examples",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--no-progress",
+        ],
+        env,
+    )
     report = json.loads((report_dir / "report.json").read_text())
     assert report["model"]["backbone_path"] == f"{HUB_ID}@{REVISION}" and report["tasks"]
 
-    out = run_entry(["launch/generate.py", "--backbone", HUB_ID, "--adapter", str(run / "adapter"),
-                     "--max-new-tokens", "4", "Add 2 and 3."], env)
+    out = run_entry(
+        [
+            "launch/generate.py",
+            "--backbone",
+            HUB_ID,
+            "--adapter",
+            str(run / "adapter"),
+            "--max-new-tokens",
+            "4",
+            "Add 2 and 3.",
+        ],
+        env,
+    )
     assert ">>> Add 2 and 3." in out.stdout
 
-    estimate = run_entry(["launch/estimate.py", "--config", HUB_ID, "--num-nodes", "1", "--gpus-per-node", "1", "--json"], env)
+    estimate = run_entry(
+        ["launch/estimate.py", "--config", HUB_ID, "--num-nodes", "1", "--gpus-per-node", "1", "--json"], env
+    )
     assert json.loads(estimate.stdout)["model_type"] == "llama"
 
 
 def test_unknown_hub_id_offline_is_a_clear_error(tmp_path, hub_cache, embedded_data):
-    result = run_train(quick_args(tmp_path / "run", embedded_data, steps=2, **{"model.path": "hycam-test/absent"}),
-                       env=offline_env(hub_cache), check=False)
+    result = run_train(
+        quick_args(tmp_path / "run", embedded_data, steps=2, **{"model.path": "hycam-test/absent"}),
+        env=offline_env(hub_cache),
+        check=False,
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.startswith("train.py: model.path: hycam-test/absent: cannot load its tokenizer")
     assert "HF_HUB_OFFLINE" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_config_rejects_a_path_that_is_not_a_backbone(tmp_path):
-    result = subprocess.run([sys.executable, "launch/train.py", f"model.path={tmp_path}/missing/model"], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "launch/train.py", f"model.path={tmp_path}/missing/model"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert "model.path" in result.stderr and "no such directory" in result.stderr

@@ -3,7 +3,6 @@
 import re
 
 import pytest
-
 from run_helpers import REPO, run_train, train_losses
 
 
@@ -17,11 +16,27 @@ def tiny_recipe(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("method,checkpointing", [("hycam", False), ("lora", False), ("full", False), ("cam", False), ("hycam", True)])
+@pytest.mark.parametrize(
+    "method,checkpointing", [("hycam", False), ("lora", False), ("full", False), ("cam", False), ("hycam", True)]
+)
 def test_overfitting_a_tiny_dataset_lowers_the_loss(tmp_path, tiny_recipe, method, checkpointing):
-    run_train([f"run_dir={tmp_path}/run", f"method={method}", f"model.gradient_checkpointing={str(checkpointing).lower()}", f"data.recipe={tiny_recipe}", f"data.cache_dir={tmp_path}/data",
-               "data.seq_len=128", "optim.max_steps=50", "optim.warmup_steps=2", "optim.lr=1e-2", "logging.eval_every=0",
-               "checkpoint.save_every=0", "checkpoint.export_adapter=false", "logging.progress=false"])
+    run_train(
+        [
+            f"run_dir={tmp_path}/run",
+            f"method={method}",
+            f"model.gradient_checkpointing={str(checkpointing).lower()}",
+            f"data.recipe={tiny_recipe}",
+            f"data.cache_dir={tmp_path}/data",
+            "data.seq_len=128",
+            "optim.max_steps=50",
+            "optim.warmup_steps=2",
+            "optim.lr=1e-2",
+            "logging.eval_every=0",
+            "checkpoint.save_every=0",
+            "checkpoint.export_adapter=false",
+            "logging.progress=false",
+        ]
+    )
     losses = [loss for _, loss in train_losses(tmp_path / "run")]
     assert len(losses) == 50
     final = sum(losses[-5:]) / 5

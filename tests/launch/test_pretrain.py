@@ -17,8 +17,10 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "launch" / "pretrain.py"
 EMBEDDED = ROOT / "data_pipeline" / "recipes" / "embedded.yaml"
 
-WORDS = ("the cat dog sat ran on a mat in house garden quickly slowly and but with big small red old "
-         "man woman child saw found took gave little bird tree river").split()
+WORDS = (
+    "the cat dog sat ran on a mat in house garden quickly slowly and but with big small red old "
+    "man woman child saw found took gave little bird tree river"
+).split()
 
 
 def write_text(root: Path) -> Path:
@@ -27,8 +29,9 @@ def write_text(root: Path) -> Path:
     text_dir = root / "text"
     (text_dir / "sub").mkdir(parents=True)
     for name in ("a.txt", "sub/b.txt"):
-        lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 12))).capitalize() + " ."
-                 for _ in range(2500)]
+        lines = [
+            " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 12))).capitalize() + " ." for _ in range(2500)
+        ]
         (text_dir / name).write_text("\n".join(lines) + "\n")
     return text_dir
 
@@ -37,10 +40,38 @@ def write_text(root: Path) -> Path:
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("pretrain")
     out = root / "backbone"
-    args = [sys.executable, str(SCRIPT), "--out", str(out), "--text-dir", str(write_text(root)),
-            "--task-recipe", str(EMBEDDED), "--vocab-size", "500", "--hidden", "32", "--layers", "2",
-            "--heads", "2", "--intermediate", "64", "--seq-len", "64", "--batch", "8", "--lr", "5e-3",
-            "--steps", "25", "--eval-every", "10", "--eval-blocks", "16"]
+    args = [
+        sys.executable,
+        str(SCRIPT),
+        "--out",
+        str(out),
+        "--text-dir",
+        str(write_text(root)),
+        "--task-recipe",
+        str(EMBEDDED),
+        "--vocab-size",
+        "500",
+        "--hidden",
+        "32",
+        "--layers",
+        "2",
+        "--heads",
+        "2",
+        "--intermediate",
+        "64",
+        "--seq-len",
+        "64",
+        "--batch",
+        "8",
+        "--lr",
+        "5e-3",
+        "--steps",
+        "25",
+        "--eval-every",
+        "10",
+        "--eval-blocks",
+        "16",
+    ]
     result = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return out, result
@@ -66,14 +97,23 @@ def test_loads_like_a_hub_backbone_and_generates(trained):
 def test_training_lowers_held_out_perplexity_and_reports_it(trained):
     out, result = trained
     metrics = json.loads((out / "metrics.json").read_text())
-    for key in ("params", "tokens_seen", "steps", "held_out_ppl_before", "held_out_ppl_after",
-                "tokens_per_s", "train_minutes", "wall_minutes"):
+    for key in (
+        "params",
+        "tokens_seen",
+        "steps",
+        "held_out_ppl_before",
+        "held_out_ppl_after",
+        "tokens_per_s",
+        "train_minutes",
+        "wall_minutes",
+    ):
         assert key in metrics, key
     assert metrics["steps"] == 25
     assert metrics["tokens_seen"] == 25 * 8 * 64
     assert metrics["held_out_ppl_after"] < 0.8 * metrics["held_out_ppl_before"]
-    assert metrics["params"] == sum(p.numel() for p in __import__("safetensors.torch").torch.load_file(
-        str(out / "model.safetensors")).values())
+    assert metrics["params"] == sum(
+        p.numel() for p in __import__("safetensors.torch").torch.load_file(str(out / "model.safetensors")).values()
+    )
     assert (out / "loss.png").stat().st_size > 0
     assert "tokens/s" in result.stdout
 
@@ -87,8 +127,26 @@ def test_save_is_atomic_and_leaves_nothing_behind(trained):
 def test_init_continues_the_same_backbone_on_the_same_held_out_text(trained):
     out, _ = trained
     more = out.parent / "more"
-    args = [sys.executable, str(SCRIPT), "--out", str(more), "--init", str(out), "--text-dir", str(out.parent / "text"),
-            "--task-recipe", str(EMBEDDED), "--seq-len", "64", "--batch", "8", "--steps", "5", "--eval-blocks", "16"]
+    args = [
+        sys.executable,
+        str(SCRIPT),
+        "--out",
+        str(more),
+        "--init",
+        str(out),
+        "--text-dir",
+        str(out.parent / "text"),
+        "--task-recipe",
+        str(EMBEDDED),
+        "--seq-len",
+        "64",
+        "--batch",
+        "8",
+        "--steps",
+        "5",
+        "--eval-blocks",
+        "16",
+    ]
     result = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-4000:]
     first, second = (json.loads((d / "metrics.json").read_text()) for d in (out, more))

@@ -3,6 +3,7 @@
 The cluster (one controller, two nodes) gets its own state directory and free ports, so it runs beside any other local
 cluster on the machine (a developer's, another test session's) and is stopped at the end.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,8 +22,17 @@ LOCAL_CLUSTER = REPO / "launch" / "slurm" / "local_cluster.sh"
 SBATCH_SCRIPT = REPO / "launch" / "slurm" / "train.sbatch"
 # Two nodes (two slurmd on this machine) so that a multi-node job can be tried as well.
 NODES = 2
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-                "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+FINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 
 
 def _free_port() -> int:
@@ -33,13 +43,12 @@ def _free_port() -> int:
 
 @dataclass
 class Cluster:
-    env: dict           # environment for client commands and submitted jobs (SLURM_CONF, ...)
+    env: dict  # environment for client commands and submitted jobs (SLURM_CONF, ...)
     state_dir: Path
     start_seconds: float
 
     def run(self, *cmd, check=True, timeout=60, env=None) -> subprocess.CompletedProcess:
-        out = subprocess.run(list(cmd), env=env or self.env, capture_output=True, text=True,
-                             timeout=timeout)
+        out = subprocess.run(list(cmd), env=env or self.env, capture_output=True, text=True, timeout=timeout)
         if check and out.returncode != 0:
             raise AssertionError(f"{cmd} failed ({out.returncode}): {out.stderr}{out.stdout}")
         return out
@@ -72,12 +81,16 @@ def slurm_cluster(tmp_path_factory):
     if not have_slurm and not shutil.which("apt-get"):
         pytest.skip("slurm-wlm/munge are not installed and apt-get is not available to install them")
     state_dir = tmp_path_factory.mktemp("slurm-state")
-    env = dict(os.environ, LOCAL_SLURM_DIR=str(state_dir), LOCAL_SLURM_CTLD_PORT=str(_free_port()),
-               LOCAL_SLURM_SLURMD_PORT=str(_free_port()), LOCAL_SLURM_GPUS="2",
-               LOCAL_SLURM_NODES=str(NODES))
+    env = dict(
+        os.environ,
+        LOCAL_SLURM_DIR=str(state_dir),
+        LOCAL_SLURM_CTLD_PORT=str(_free_port()),
+        LOCAL_SLURM_SLURMD_PORT=str(_free_port()),
+        LOCAL_SLURM_GPUS="2",
+        LOCAL_SLURM_NODES=str(NODES),
+    )
     t0 = time.monotonic()
-    out = subprocess.run(["bash", str(LOCAL_CLUSTER), "start"], env=env, capture_output=True,
-                         text=True, timeout=900)
+    out = subprocess.run(["bash", str(LOCAL_CLUSTER), "start"], env=env, capture_output=True, text=True, timeout=900)
     if out.returncode != 0:
         subprocess.run(["bash", str(LOCAL_CLUSTER), "stop"], env=env, capture_output=True, timeout=120)
         pytest.fail(f"local_cluster.sh start failed:\n{out.stderr}\n{out.stdout}")

@@ -1,7 +1,8 @@
 """One rank of the small multi-process checks in test_helpers.py (gloo on CPU, env rendezvous).
 
-    python dist_worker.py preflight_ok|preflight_missing|guard_agree
+python dist_worker.py preflight_ok|preflight_missing|guard_agree
 """
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,7 @@ def main(mode: str) -> int:
             if guard.should_stop():
                 stopped_at = step
                 break
-        print(json.dumps({"rank": rank, "stopped_at": stopped_at, "preempted": guard.preempted}),
-              flush=True)
+        print(json.dumps({"rank": rank, "stopped_at": stopped_at, "preempted": guard.preempted}), flush=True)
         guard.requeue()
     dist.barrier()
     dist.destroy_process_group()

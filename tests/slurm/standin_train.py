@@ -9,6 +9,7 @@ RUN_DIR/checkpoints/step_XXXXXXXX/ with the pointer RUN_DIR/checkpoints/latest, 
 "resumed from step N". On a preemption warning every rank stops at the same step, saves,
 requeues, exits 0. STANDIN_STEP_SECONDS (0.3) slows steps down so a test can signal a running job.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,13 @@ def parse(argv):
     parser.add_argument("--config")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
-    cfg = {"run_dir": "runs/standin", "optim.max_steps": "20", "checkpoint.save_every": "10",
-           "checkpoint.resume": "none", "data.dir": ""}
+    cfg = {
+        "run_dir": "runs/standin",
+        "optim.max_steps": "20",
+        "checkpoint.save_every": "10",
+        "checkpoint.resume": "none",
+        "data.dir": "",
+    }
     for item in args.overrides:  # keys it does not use (logging.*, ...) are accepted and ignored
         key, _, value = item.partition("=")
         cfg[key] = value
@@ -91,8 +97,7 @@ def main(argv) -> int:
         if rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
             with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": step, "loss": losses.mean().item(),
-                                    "rank_losses": losses.tolist()}) + "\n")
+                f.write(json.dumps({"step": step, "loss": losses.mean().item(), "rank_losses": losses.tolist()}) + "\n")
         if guard.should_stop():
             save(run_dir, step, weight, rank)
             print(f"rank {rank}: preempted, checkpoint at step {step}", flush=True)

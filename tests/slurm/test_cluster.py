@@ -4,6 +4,7 @@ preempted job checkpoints, requeues and resumes, a job with a failing rank fails
 The entry point is TRAIN_ENTRY (default launch/train.py, the real trainer);
 TRAIN_ENTRY=tests/slurm/standin_train.py runs the same tests against the stand-in.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,9 @@ JOB_TIMEOUT = float(os.environ.get("HYCAM_TEST_SLURM_JOB_TIMEOUT", "400"))
 
 
 def _job_env(cluster, run_dir: Path, **extra) -> dict:
-    env = dict(cluster.env, TRAIN_ENTRY=ENTRY, HYCAM_REPO=str(REPO), HYCAM_RUN_DIR=str(run_dir),
-               HYCAM_DIST_TIMEOUT_S="120")
+    env = dict(
+        cluster.env, TRAIN_ENTRY=ENTRY, HYCAM_REPO=str(REPO), HYCAM_RUN_DIR=str(run_dir), HYCAM_DIST_TIMEOUT_S="120"
+    )
     if STANDIN:  # the stand-in ignores the DeepSpeed config; any file satisfies the check
         env["HYCAM_DS_CONFIG"] = str(SBATCH_SCRIPT)
     env.update(extra)
@@ -43,8 +45,11 @@ def _fault_env(kind: str) -> dict:
     (HYCAM_FAULT), or for the stand-in a sitecustomize that does it from outside."""
     if not STANDIN:
         return {"HYCAM_FAULT": f"{kind}:rank=1:step=2"}
-    return {"HYCAM_TEST_FAIL_RANK": "1", "HYCAM_TEST_FAIL_MODE": kind,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(INJECT), os.environ.get("PYTHONPATH")]))}
+    return {
+        "HYCAM_TEST_FAIL_RANK": "1",
+        "HYCAM_TEST_FAIL_MODE": kind,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(INJECT), os.environ.get("PYTHONPATH")])),
+    }
 
 
 def _submit(cluster, tmp_path, env, *args, steps=MAX_STEPS) -> str:
@@ -56,8 +61,13 @@ def _submit(cluster, tmp_path, env, *args, steps=MAX_STEPS) -> str:
     overrides = [a for a in args if not a.startswith("--")]
     return cluster.sbatch(
         *(f"{key}={value}" for key, value in options.items()),
-        f"--output={tmp_path}/job-%j.out", f"--chdir={REPO}", str(SBATCH_SCRIPT),
-        f"optim.max_steps={steps}", "logging.progress=false", *overrides, env=env,
+        f"--output={tmp_path}/job-%j.out",
+        f"--chdir={REPO}",
+        str(SBATCH_SCRIPT),
+        f"optim.max_steps={steps}",
+        "logging.progress=false",
+        *overrides,
+        env=env,
     )
 
 
@@ -67,8 +77,11 @@ def _metrics(run_dir: Path) -> list[dict]:
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     # The trainer also writes evaluation rows ("kind": "eval") and names the loss train/loss.
-    return [{"step": r["step"], "loss": r.get("loss", r.get("train/loss"))}
-            for r in rows if r.get("kind", "train") == "train"]
+    return [
+        {"step": r["step"], "loss": r.get("loss", r.get("train/loss"))}
+        for r in rows
+        if r.get("kind", "train") == "train"
+    ]
 
 
 def _log(tmp_path, job_id) -> str:
@@ -118,8 +131,10 @@ def test_two_task_job_completes(slurm_cluster, tmp_path):
     else:
         assert re.search(r"ZeRO stage 3, \w+, world 2", log), log
         ds_config = json.loads((run_dir / "ds_config.json").read_text())
-        assert ds_config["train_batch_size"] == 2 * ds_config["train_micro_batch_size_per_gpu"] \
-            * ds_config["gradient_accumulation_steps"]
+        assert (
+            ds_config["train_batch_size"]
+            == 2 * ds_config["train_micro_batch_size_per_gpu"] * ds_config["gradient_accumulation_steps"]
+        )
     assert (run_dir / "checkpoints" / "latest").exists()
     assert info["Restarts"] == "0"  # a normal end does not requeue
 
@@ -128,8 +143,15 @@ def test_two_node_job_completes(slurm_cluster, tmp_path):
     """One rank on each of two nodes: MASTER_ADDR is the first node, found by its NodeAddr."""
     run_dir = tmp_path / "run"
     t0 = time.monotonic()
-    job = _submit(slurm_cluster, tmp_path, _job_env(slurm_cluster, run_dir), "--nodes=2",
-                  "--ntasks-per-node=1", "--gres=gpu:1", steps=12)
+    job = _submit(
+        slurm_cluster,
+        tmp_path,
+        _job_env(slurm_cluster, run_dir),
+        "--nodes=2",
+        "--ntasks-per-node=1",
+        "--gres=gpu:1",
+        steps=12,
+    )
     info = slurm_cluster.wait(job, JOB_TIMEOUT)
     log = _log(tmp_path, job)
     print(f"\n2-node job {job}: {info['JobState']} in {time.monotonic() - t0:.1f}s")
@@ -143,8 +165,7 @@ def test_two_node_job_completes(slurm_cluster, tmp_path):
 def test_preemption_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path, fault_table):
     run_dir = tmp_path / "run"
     t0 = time.monotonic()
-    job = _submit(slurm_cluster, tmp_path, _job_env(slurm_cluster, run_dir),
-                  f"checkpoint.save_every={10 * MAX_STEPS}")
+    job = _submit(slurm_cluster, tmp_path, _job_env(slurm_cluster, run_dir), f"checkpoint.save_every={10 * MAX_STEPS}")
     # Warn the job once it is a few steps in (and well before its end).
     deadline = time.monotonic() + JOB_TIMEOUT
     while len(_metrics(run_dir)) < 3:
@@ -158,8 +179,10 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path, fa
 
     info = slurm_cluster.wait(job, JOB_TIMEOUT)
     log = _log(tmp_path, job)
-    print(f"\npreempted job {job}: {info['JobState']} in {time.monotonic() - t0:.1f}s "
-          f"(signal after {t_signal - t0:.1f}s at step {steps_before_signal})")
+    print(
+        f"\npreempted job {job}: {info['JobState']} in {time.monotonic() - t0:.1f}s "
+        f"(signal after {t_signal - t0:.1f}s at step {steps_before_signal})"
+    )
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log
     assert info["Restarts"] == "1", log  # requeued exactly once; the second end did not requeue
 
@@ -180,16 +203,22 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path, fa
     # Steps done after the checkpoint and redone after the resume: at most one.
     assert len(steps) - MAX_STEPS <= 1, steps
     assert all(math.isfinite(m["loss"]) for m in metrics)
-    fault_table.append({"item": "3 preemption (real local SLURM)", "case": "scancel --batch --signal=USR1 mid-run", "trials": 1, "passed": 1,
-                        "detail": f"both ranks stopped at the same step, requeued once, resumed from step {resume_step}, "
-                                  f"{MAX_STEPS}/{MAX_STEPS} steps, {len(steps) - MAX_STEPS} step redone"})
+    fault_table.append(
+        {
+            "item": "3 preemption (real local SLURM)",
+            "case": "scancel --batch --signal=USR1 mid-run",
+            "trials": 1,
+            "passed": 1,
+            "detail": f"both ranks stopped at the same step, requeued once, resumed from step {resume_step}, "
+            f"{MAX_STEPS}/{MAX_STEPS} steps, {len(steps) - MAX_STEPS} step redone",
+        }
+    )
 
 
 def test_cancel_checkpoints_and_does_not_requeue(slurm_cluster, tmp_path):
     """`scancel` sends SIGTERM: the ranks save at the next step, and the job stays CANCELLED."""
     run_dir = tmp_path / "run"
-    job = _submit(slurm_cluster, tmp_path, _job_env(slurm_cluster, run_dir),
-                  f"checkpoint.save_every={10 * MAX_STEPS}")
+    job = _submit(slurm_cluster, tmp_path, _job_env(slurm_cluster, run_dir), f"checkpoint.save_every={10 * MAX_STEPS}")
     deadline = time.monotonic() + JOB_TIMEOUT
     while len(_metrics(run_dir)) < 3:
         assert time.monotonic() < deadline, _log(tmp_path, job)
@@ -230,8 +259,10 @@ def test_hanging_rank_ends_the_job_within_the_timeout(slurm_cluster, tmp_path):
     job = _submit(slurm_cluster, tmp_path, env, steps=100 * MAX_STEPS)
     info = slurm_cluster.wait(job, JOB_TIMEOUT)
     log = _log(tmp_path, job)
-    print(f"\nhanging-rank job {job}: {info['JobState']} in {time.monotonic() - t0:.1f}s "
-          f"(collective timeout {timeout_s}s)")
+    print(
+        f"\nhanging-rank job {job}: {info['JobState']} in {time.monotonic() - t0:.1f}s "
+        f"(collective timeout {timeout_s}s)"
+    )
     if STANDIN:
         assert "injected hang on rank 1" in log
     # Rank 0's collective times out, it exits non-zero, and srun kills the stopped rank.
@@ -241,8 +272,12 @@ def test_hanging_rank_ends_the_job_within_the_timeout(slurm_cluster, tmp_path):
 
 def test_second_cluster_starts_idempotently_and_stops_only_its_own_daemons(slurm_cluster, tmp_path):
     state = tmp_path / "second"
-    env = dict(slurm_cluster.env, LOCAL_SLURM_DIR=str(state), LOCAL_SLURM_CTLD_PORT=str(_free_port()),
-               LOCAL_SLURM_SLURMD_PORT=str(_free_port()))
+    env = dict(
+        slurm_cluster.env,
+        LOCAL_SLURM_DIR=str(state),
+        LOCAL_SLURM_CTLD_PORT=str(_free_port()),
+        LOCAL_SLURM_SLURMD_PORT=str(_free_port()),
+    )
     env.pop("SLURM_CONF")
     env["LOCAL_SLURM_NODES"] = "1"
     pidfiles = [state / "run" / "slurmctld.pid", state / "run" / "slurmd-localhost.pid"]

@@ -2,6 +2,7 @@
 
 Fast (seconds): these run in the default suite, on any machine.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,9 +39,12 @@ def _fake_scontrol(tmp_path: Path) -> Path:
 
 
 def _rank_env(tmp_path, **env):
-    base = {k: v for k, v in os.environ.items()
-            if not k.startswith("SLURM_") and k not in
-            ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("SLURM_")
+        and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+    }
     base["PATH"] = f"{_fake_scontrol(tmp_path)}:{base['PATH']}"
     base.update(env)
     out = subprocess.run(["bash", str(RANK_ENV), "env"], env=base, capture_output=True, text=True)
@@ -48,9 +52,14 @@ def _rank_env(tmp_path, **env):
     return dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
 
 
-SLURM_TASK = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
-              "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_JOB_ID": "4242",
-              "SLURM_STEP_TASKS_PER_NODE": "4(x2)"}
+SLURM_TASK = {
+    "SLURM_PROCID": "5",
+    "SLURM_NTASKS": "8",
+    "SLURM_LOCALID": "1",
+    "SLURM_JOB_NODELIST": "node-[a-b]",
+    "SLURM_JOB_ID": "4242",
+    "SLURM_STEP_TASKS_PER_NODE": "4(x2)",
+}
 
 
 def test_rank_env_maps_slurm_variables(tmp_path):
@@ -68,8 +77,9 @@ def test_rank_env_uses_the_first_host_name_when_it_resolves(tmp_path):
 
 
 def test_rank_env_keeps_values_a_launcher_set(tmp_path):
-    env = _rank_env(tmp_path, **SLURM_TASK, RANK="0", WORLD_SIZE="2", LOCAL_RANK="0",
-                    MASTER_ADDR="10.0.0.9", MASTER_PORT="29500")
+    env = _rank_env(
+        tmp_path, **SLURM_TASK, RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="10.0.0.9", MASTER_PORT="29500"
+    )
     assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("0", "2", "0")
     assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("10.0.0.9", "29500")
 
@@ -80,18 +90,26 @@ def test_rank_env_outside_slurm_is_an_error(tmp_path):
     assert out.returncode == 2 and "srun" in out.stderr
 
 
-@pytest.mark.parametrize("setting, value, message", [
-    ("TRAIN_ENTRY", "nope/train.py", "TRAIN_ENTRY 'nope/train.py' not found"),
-    ("HYCAM_DS_CONFIG", "nope.json", "HYCAM_DS_CONFIG 'nope.json' not found"),
-    ("HYCAM_CONFIG", "nope.yaml", "HYCAM_CONFIG 'nope.yaml' not found"),
-    ("HYCAM_DATA_DIR", "/nonexistent", "HYCAM_DATA_DIR '/nonexistent' is not a directory"),
-])
+@pytest.mark.parametrize(
+    "setting, value, message",
+    [
+        ("TRAIN_ENTRY", "nope/train.py", "TRAIN_ENTRY 'nope/train.py' not found"),
+        ("HYCAM_DS_CONFIG", "nope.json", "HYCAM_DS_CONFIG 'nope.json' not found"),
+        ("HYCAM_CONFIG", "nope.yaml", "HYCAM_CONFIG 'nope.yaml' not found"),
+        ("HYCAM_DATA_DIR", "/nonexistent", "HYCAM_DATA_DIR '/nonexistent' is not a directory"),
+    ],
+)
 def test_sbatch_checks_settings_before_starting_ranks(tmp_path, setting, value, message):
     (tmp_path / "train.py").write_text("")
     (tmp_path / "ds.json").write_text("{}")
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update(SLURM_JOB_ID="7", SLURM_SUBMIT_DIR=str(tmp_path), TRAIN_ENTRY="train.py",
-               HYCAM_DS_CONFIG="ds.json", HYCAM_RUN_DIR=str(tmp_path / "run"))
+    env.update(
+        SLURM_JOB_ID="7",
+        SLURM_SUBMIT_DIR=str(tmp_path),
+        TRAIN_ENTRY="train.py",
+        HYCAM_DS_CONFIG="ds.json",
+        HYCAM_RUN_DIR=str(tmp_path / "run"),
+    )
     env[setting] = value
     out = subprocess.run(["bash", str(SBATCH)], env=env, capture_output=True, text=True)
     assert out.returncode == 2
@@ -101,8 +119,14 @@ def test_sbatch_checks_settings_before_starting_ranks(tmp_path, setting, value, 
 def test_sbatch_rejects_positional_arguments(tmp_path):
     (tmp_path / "train.py").write_text("")
     (tmp_path / "ds.json").write_text("{}")
-    env = dict(os.environ, SLURM_JOB_ID="7", SLURM_SUBMIT_DIR=str(tmp_path), TRAIN_ENTRY="train.py",
-               HYCAM_DS_CONFIG="ds.json", HYCAM_RUN_DIR=str(tmp_path / "run"))
+    env = dict(
+        os.environ,
+        SLURM_JOB_ID="7",
+        SLURM_SUBMIT_DIR=str(tmp_path),
+        TRAIN_ENTRY="train.py",
+        HYCAM_DS_CONFIG="ds.json",
+        HYCAM_RUN_DIR=str(tmp_path / "run"),
+    )
     out = subprocess.run(["bash", str(SBATCH), "configs/x.yaml"], env=env, capture_output=True, text=True)
     assert out.returncode == 2 and "not a key=value override" in out.stderr
 
@@ -117,12 +141,26 @@ def _run_two_ranks(mode: str, extra_env=None, timeout=60):
     port = _free_port()
     procs = []
     for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HYCAM_DIST_TIMEOUT_S="30",
-                   **(extra_env or {}))
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            WORLD_SIZE="2",
+            LOCAL_RANK=str(rank),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            HYCAM_DIST_TIMEOUT_S="30",
+            **(extra_env or {}),
+        )
         env.pop("SLURM_JOB_ID", None)
-        procs.append(subprocess.Popen([sys.executable, str(HERE / "dist_worker.py"), mode], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(HERE / "dist_worker.py"), mode],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outs = [p.communicate(timeout=timeout)[0] for p in procs]
     return [p.returncode for p in procs], outs
 
@@ -137,7 +175,7 @@ def test_preflight_passes_when_every_rank_is_there():
 def test_preflight_names_the_missing_rank():
     codes, outs = _run_two_ranks("preflight_missing")
     assert codes[0] == 3, outs
-    line = next(l for l in outs[0].splitlines() if l.startswith("PREFLIGHT_ERROR"))
+    line = next(output_line for output_line in outs[0].splitlines() if output_line.startswith("PREFLIGHT_ERROR"))
     assert "rank(s) 1 of world size 2" in line
 
 
@@ -145,7 +183,9 @@ def test_preflight_names_the_missing_rank():
 def test_guard_stops_every_rank_at_the_same_step():
     codes, outs = _run_two_ranks("guard_agree")
     assert codes == [0, 0], outs
-    results = [json.loads(next(l for l in out.splitlines() if l.startswith("{"))) for out in outs]
+    results = [
+        json.loads(next(output_line for output_line in out.splitlines() if output_line.startswith("{"))) for out in outs
+    ]
     assert results[0]["stopped_at"] == results[1]["stopped_at"] == 5
     assert all(r["preempted"] for r in results)
 

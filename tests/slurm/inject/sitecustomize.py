@@ -2,6 +2,7 @@
 PYTHONPATH. On the rank named by HYCAM_TEST_FAIL_RANK it raises a RuntimeError in the main
 thread once training is under way (RUN_DIR/metrics.jsonl has a line), whatever the trainer is.
 HYCAM_TEST_FAIL_MODE=hang stops that rank instead (SIGSTOP): it neither exits nor answers."""
+
 import os
 
 _rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID"))
