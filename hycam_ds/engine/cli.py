@@ -1,0 +1,51 @@
+"""What every entry point does with a mistake: one line on stderr naming the file or field, exit 2.
+
+The project's own error types (and OSError: a missing, unreadable or full file system) are a
+user's mistake or the machine's state, never a bug: their message is the whole story. Anything
+else is a bug and keeps its traceback."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+from data_pipeline import BuildError
+from data_pipeline.pretrained import PretrainedRefError
+
+from ..modeling.adapter_io import AdapterError
+from .checkpointing import CheckpointError
+from .packaged_backbones import FetchError
+from .run_dir import RunDirError
+from .train_config import ConfigError
+
+USAGE_ERROR = 2
+"""Exit status of a rejected command (argparse uses it too)."""
+
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError,
+    CheckpointError,
+    RunDirError,
+    AdapterError,
+    FetchError,
+    BuildError,
+    PretrainedRefError,
+    OSError,
+)
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message on one line (OSError: its file name and reason)."""
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        text = f"{err.filename}: {err.strerror}"
+    else:
+        text = str(err) or type(err).__name__
+    return " ".join(text.split())
+
+
+def run_main(prog: str, main: Callable[[], int]) -> int:
+    """Runs `main`; a user error becomes `prog: message` on stderr and exit status 2."""
+    try:
+        return main()
+    except USER_ERRORS as err:
+        print(f"{prog}: {one_line(err)}", file=sys.stderr)
+        return USAGE_ERROR
