@@ -1,24 +1,50 @@
-"""`python -m data_pipeline build|verify ...`: thin CLI over `build_dataset` and `verify`."""
+"""`python -m data_pipeline build|verify ...`: thin CLI over `build_dataset` and `verify`.
+
+A mistake (a bad recipe or option, a missing or unreadable file, an `--out` the build must not
+replace, a tokenizer without a vocabulary, data that builds nothing) is one line on stderr,
+`data_pipeline: <message naming the file or field>`, and exit status 2; argparse's own errors
+are one line too. A traceback means a bug.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from typing import NoReturn
 
 from .build import build_dataset
 from .config import BuildConfig
 from .examples import BuildError
+from .pretrained import PretrainedRefError
 from .shards import load_manifest, verify
 from .template import TEMPLATES
+from .typed_config import TypedConfigError
+
+PROG = "data_pipeline"
+USAGE_ERROR = 2
+USER_ERRORS = (BuildError, TypedConfigError, PretrainedRefError, OSError)
+"""The project's error types and the file system's: the user's mistake or the machine's state,
+whose message is the whole story."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (the usage is one --help away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE_ERROR, f"{PROG}: {message} (see {self.prog} --help)\n")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m data_pipeline")
+    parser = _Parser(prog="python -m data_pipeline")
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="build packed token shards from a recipe")
     b.add_argument("--recipe", required=True)
-    b.add_argument("--out", required=True)
+    b.add_argument(
+        "--out",
+        required=True,
+        help="output directory: new, empty, or a previous build (which it replaces); never one holding other files",
+    )
     b.add_argument("--data-root", default=None, help="directory the recipe's paths are relative to")
     tok = b.add_mutually_exclusive_group()
     tok.add_argument("--tokenizer", default=None, help="Hugging Face tokenizer directory to use")
@@ -40,18 +66,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def one_line(err: BaseException) -> str:
+    """The error's message on one line (OSError: its file name and reason)."""
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        text = f"{err.filename}: {err.strerror}"
+    else:
+        text = str(err) or type(err).__name__
+    return " ".join(text.split())
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.command == "verify":
-        try:
-            problems = verify(args.dir)
-        except ValueError as err:
-            print(f"verify: {err}", file=sys.stderr)
-            return 2
-        for problem in problems:
-            print(f"DAMAGED {problem}", file=sys.stderr)
-        print(f"verify {args.dir}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
-        return 1 if problems else 0
+    try:
+        return run_verify(args.dir) if args.command == "verify" else run_build(args)
+    except USER_ERRORS as err:
+        print(f"{PROG}: {one_line(err)}", file=sys.stderr)
+        return USAGE_ERROR
+
+
+def run_verify(directory: str) -> int:
+    try:
+        problems = verify(directory)
+    except ValueError as err:  # not a build, or its manifest was edited
+        print(f"{PROG}: verify: {one_line(err)}", file=sys.stderr)
+        return USAGE_ERROR
+    for problem in problems:
+        print(f"DAMAGED {problem}", file=sys.stderr)
+    print(f"verify {directory}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+    return 1 if problems else 0
+
+
+def run_build(args: argparse.Namespace) -> int:
     cfg = BuildConfig(
         recipe=args.recipe,
         out=args.out,
@@ -66,16 +111,17 @@ def main(argv=None) -> int:
         template=args.template,
         progress=not args.no_progress,
     )
-    try:
-        out = build_dataset(cfg)
-    except BuildError as err:
-        print(f"build failed: {err}", file=sys.stderr)
-        return 2
+    out = build_dataset(cfg)
     manifest = load_manifest(out)
     summary = {
         s: {k: v[k] for k in ("sequences", "tokens", "packing_efficiency")} for s, v in manifest["splits"].items()
     }
     print(json.dumps({"out": out, "bad_rows": manifest["bad_rows"]["count"], "splits": summary}, indent=1))
+    fractions = manifest["recipe"]["splits"]
+    for split, info in manifest["splits"].items():
+        if fractions.get(split, 0) > 0 and not info["sequences"]:
+            warning = f"split {split} (fraction {fractions[split]}) is empty: too few examples"
+            print(f"{PROG}: warning: {warning}", file=sys.stderr)
     return 0
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Any
+from typing import Any, Optional
 
 # The closed list of reasons a row can be dropped for. `too_long` and `prompt_too_long` come
 # from the over-long policy, not from bad input, so `--strict` does not stop on them.
@@ -95,6 +95,8 @@ class TaskCounts:
     kept: int = 0
     truncated: int = 0
     dropped: dict = dataclasses.field(default_factory=collections.Counter)
+    shortest: Optional[int] = None
+    """Tokens of the task's shortest example before any cut (for the error when seq_len holds none)."""
 
 
 class RowReport:
@@ -119,6 +121,12 @@ class RowReport:
     def policy_drop(self, task: str, reason: str) -> None:
         assert reason in POLICY_REASONS, reason
         self.tasks[task].dropped[reason] += 1
+
+    def describe(self, task: str) -> str:
+        """The task's counts in words: `12 rows read, 0 kept, dropped: malformed_json 7, invalid_utf8 5`."""
+        c = self.tasks[task]
+        dropped = ", ".join(f"{reason} {n}" for reason, n in sorted(c.dropped.items()))
+        return f"{c.rows_read} rows read, {c.kept} kept" + (f", dropped: {dropped}" if dropped else "")
 
     def summary(self) -> dict:
         return {

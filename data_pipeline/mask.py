@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
@@ -12,6 +15,8 @@ def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     return NaN for it). Pass it as `attention_mask` with `attn_implementation="sdpa"` together
     with the per-document `position_ids`.
     """
+    import torch  # here, not at the top: the data build and its CLI never need torch
+
     seg = segment_ids
     length = seg.shape[-1]
     same = seg[:, :, None] == seg[:, None, :]

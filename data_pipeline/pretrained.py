@@ -80,18 +80,44 @@ def parse_pretrained(ref: str | Path) -> PretrainedRef:
     return PretrainedRef(repo, revision=revision or None)
 
 
+# Files that hold a tokenizer's vocabulary, in the formats transformers reads.
+VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "merges.txt")
+VOCABULARY_SUFFIXES = (".model", ".tiktoken")
+
+
+def check_tokenizer_files(ref: PretrainedRef) -> None:
+    """A local directory must hold a vocabulary: without one, transformers builds a tokenizer with
+    an empty vocabulary from tokenizer_config.json alone, which encodes every text to nothing."""
+    if ref.gguf_file is not None or not ref.is_local:
+        return
+    directory = Path(ref.name_or_path)
+    if not any((directory / name).is_file() for name in VOCABULARY_FILES) and not any(
+        p.suffix in VOCABULARY_SUFFIXES for p in directory.iterdir() if p.is_file()
+    ):
+        raise PretrainedRefError(
+            f"{directory}: no tokenizer vocabulary in this directory (none of {', '.join(VOCABULARY_FILES)}); "
+            "give a backbone's directory or a build's tokenizer/ directory"
+        )
+
+
 def load_pretrained_tokenizer(ref: str | Path | PretrainedRef):
-    """`AutoTokenizer.from_pretrained` for any of the three forms."""
+    """`AutoTokenizer.from_pretrained` for any of the three forms; a local directory without a
+    vocabulary, or one transformers cannot load, is a `PretrainedRefError` naming it."""
     from transformers import AutoTokenizer
 
     ref = ref if isinstance(ref, PretrainedRef) else parse_pretrained(ref)
+    check_tokenizer_files(ref)
     try:
         return AutoTokenizer.from_pretrained(ref.name_or_path, **ref.kwargs())
     except OSError as err:
         raise cannot_load(ref, "tokenizer", err) from None
+    except ValueError as err:  # e.g. "Couldn't instantiate the backend tokenizer" (files it cannot read)
+        if not ref.is_local:
+            raise
+        raise cannot_load(ref, "tokenizer", err) from None
 
 
-def cannot_load(ref: PretrainedRef, what: str, err: OSError) -> PretrainedRefError:
+def cannot_load(ref: PretrainedRef, what: str, err: Exception) -> PretrainedRefError:
     """transformers' OSError (offline and not cached, no such repository, missing files) as one line
     naming the reference."""
     first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)

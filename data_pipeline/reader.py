@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
-import torch
 
 from .sampler import EvalSampler, TrainSampler
 from .shards import INDEX_COLUMNS, INDEX_DTYPE, check_shards, load_manifest, manifest_template, shard_sizes
@@ -166,6 +165,8 @@ class ShardReader:
             yield self._batch(rows)
 
     def _batch(self, rows: list[int]) -> dict:
+        import torch  # here, not at the top: `import data_pipeline` (the build's CLI) stays free of torch
+
         n, L = len(rows), self.seq_len
         input_ids = np.empty((n, L), dtype=np.int64)
         labels = np.full((n, L), -100, dtype=np.int64)

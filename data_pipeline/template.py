@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Optional
 
 from .examples import BuildError
+from .tokenizer import special_ids
 
 TEMPLATES = ("alpaca", "chat")
 
@@ -94,7 +95,7 @@ class ChatFormat(PromptFormat):
         prompt, response = self.pair(*_PROBE)
         self.renders_bos = bool(tokenizer.bos_token) and prompt.startswith(tokenizer.bos_token)
         last = tokenizer(response, add_special_tokens=False)["input_ids"][-1:]
-        closes_turn = bool(last) and last[0] in _special_ids(tokenizer)
+        closes_turn = bool(last) and last[0] in special_ids(tokenizer)
         # A template whose assistant turn ends in plain text gets EOS appended, as alpaca does.
         self.append_eos = not closes_turn
         self.end_of_turn_id = last[0] if closes_turn else tokenizer.eos_token_id
@@ -130,13 +131,6 @@ class ChatFormat(PromptFormat):
 
     def describe(self) -> dict:
         return {"name": self.name, "system_prompt": self.system_prompt, "end_of_turn_id": self.end_of_turn_id}
-
-
-def _special_ids(tokenizer) -> set[int]:
-    """Ids of every special token, including added ones that no named role lists (Llama-3's
-    `<|eot_id|>`), which `all_special_ids` leaves out."""
-    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-    return set(tokenizer.all_special_ids) | {i for i, token in added.items() if getattr(token, "special", False)}
 
 
 def prompt_format(name: str, tokenizer=None, system_prompt: Optional[str] = None) -> PromptFormat:

@@ -10,13 +10,23 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
+import re
 from pathlib import Path
 from typing import Iterable
+
+from .examples import BuildError
 
 SPECIALS = {"pad_token": "<pad>", "unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
 # Seed of SentencePiece's sentence sampling, so a retrained tokenizer is the same tokenizer.
 SPM_SEED = 1234
+USER_SYMBOLS = ["\n", "\t"]
+MIN_VOCAB_SIZE = 256 + len(SPECIALS) + len(USER_SYMBOLS) + 1
+"""The smallest vocabulary trained here: 256 byte pieces (byte fallback), the special tokens, the
+user symbols and one piece of text. A corpus needs more: one piece per character it uses."""
+# Ordinary text every real tokenizer encodes to ordinary tokens.
+PROBE_TEXT = "Write a short answer: the capital of France is Paris, and 2 + 2 = 4."
 
 
 def load_tokenizer(ref: str | Path):
@@ -25,6 +35,26 @@ def load_tokenizer(ref: str | Path):
     from .pretrained import load_pretrained_tokenizer
 
     return load_pretrained_tokenizer(ref)
+
+
+def special_ids(tokenizer) -> set[int]:
+    """Ids of every special token, including added ones that no named role lists (Llama-3's
+    `<|eot_id|>`), which `all_special_ids` leaves out."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return set(tokenizer.all_special_ids) | {i for i, token in added.items() if getattr(token, "special", False)}
+
+
+def check_encodes_text(tok, label: str) -> None:
+    """A `BuildError` if `tok` encodes ordinary text to nothing or to special tokens only (as a
+    tokenizer whose vocabulary files are missing does: transformers then builds one with an empty
+    vocabulary, and every document of the build would be a lone EOS)."""
+    ids = tok(PROBE_TEXT, add_special_tokens=False)["input_ids"]
+    if not ids or set(ids) <= special_ids(tok):
+        got = "nothing" if not ids else f"special tokens only ({tok.convert_ids_to_tokens(ids[:4])})"
+        raise BuildError(
+            f"tokenizer {label} encodes ordinary text to {got}: its vocabulary is missing or empty "
+            "(give a backbone's tokenizer directory, or --train-tokenizer)"
+        )
 
 
 def tokenizer_fingerprint(tok) -> str:
@@ -41,13 +71,37 @@ def tokenizer_fingerprint(tok) -> str:
 def train_sentencepiece(
     texts: Iterable[str], out_dir: str | Path, vocab_size: int, model_type: str = "bpe", max_sentences: int = 200_000
 ) -> Path:
-    """Train on `texts`, save an AutoTokenizer-loadable directory at `out_dir`, return it."""
+    """Train on `texts`, save an AutoTokenizer-loadable directory at `out_dir`, return it.
+
+    No text at all, or a vocabulary too small for the corpus's characters, is a one-line
+    `BuildError` (SentencePiece would stop with an internal check's message)."""
     import sentencepiece as spm
 
+    texts = iter(texts)
+    first = next(texts, None)  # SentencePiece stops on an empty input with `!sentences_.empty()`
+    if first is None:
+        raise BuildError("no text to train the tokenizer on: the train split holds no example")
     spm.set_random_generator_seed(SPM_SEED)
     model = io.BytesIO()
+    try:
+        _train_spm(spm, itertools.chain([first], texts), model, vocab_size, model_type, max_sentences)
+    except RuntimeError as err:
+        need = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", str(err))
+        if need is None:
+            raise
+        raise BuildError(
+            f"vocab_size {need.group(1)} is too small for this corpus: the tokenizer needs at least "
+            f"{need.group(2)} pieces (256 bytes, {len(SPECIALS)} special tokens and one per character the text uses)"
+        ) from None
+    out_dir = Path(out_dir)
+    _to_hf(model.getvalue(), model_type).save_pretrained(str(out_dir))
+    (out_dir / "spm.model").write_bytes(model.getvalue())
+    return out_dir
+
+
+def _train_spm(spm, sentences: Iterable[str], model, vocab_size: int, model_type: str, max_sentences: int) -> None:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts),
+        sentence_iterator=sentences,
         model_writer=model,
         vocab_size=vocab_size,
         model_type=model_type,
@@ -61,7 +115,7 @@ def train_sentencepiece(
         # normaliser, and code indentation survives the round trip.
         normalization_rule_name="identity",
         remove_extra_whitespaces=False,
-        user_defined_symbols=["\n", "\t"],
+        user_defined_symbols=USER_SYMBOLS,
         max_sentence_length=1 << 16,
         input_sentence_size=max_sentences,
         shuffle_input_sentence=True,
@@ -69,10 +123,6 @@ def train_sentencepiece(
         hard_vocab_limit=False,
         minloglevel=2,
     )
-    out_dir = Path(out_dir)
-    _to_hf(model.getvalue(), model_type).save_pretrained(str(out_dir))
-    (out_dir / "spm.model").write_bytes(model.getvalue())
-    return out_dir
 
 
 def _to_hf(model_proto: bytes, model_type: str):

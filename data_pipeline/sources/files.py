@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Iterator, Union
 
-from ..examples import BadRow
+from ..examples import BadRow, BuildError
 
 Record = Union[dict, list, str, int, float, None, BadRow]
 _DECODER = json.JSONDecoder()
@@ -76,15 +76,19 @@ def _skip_ws(text: str, pos: int) -> int:
 
 
 def iter_parquet(path: Path) -> Iterator[tuple[int, Record]]:
-    """Rows of a Parquet file; the 'line' is the 1-based row number."""
+    """Rows of a Parquet file; the 'line' is the 1-based row number. A file that is not Parquet (or
+    is damaged) stops the build: unlike a bad JSON line, nothing after the damage can be read."""
     import pyarrow.parquet as pq
 
-    table = pq.ParquetFile(path)
     row = 0
-    for batch in table.iter_batches(batch_size=4096):
-        for record in batch.to_pylist():
-            row += 1
-            yield row, record
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+            for record in batch.to_pylist():
+                row += 1
+                yield row, record
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError: not Parquet, or damaged
+        where = f" after row {row}" if row else ""
+        raise BuildError(f"{path}: not a readable Parquet file{where}: {' '.join(str(err).split())}") from None
 
 
 def iter_records(path: Path) -> Iterator[tuple[int, Union[dict, BadRow]]]:
@@ -103,7 +107,7 @@ def iter_records(path: Path) -> Iterator[tuple[int, Union[dict, BadRow]]]:
             head = f.read(4096).lstrip()
         records = iter_json_array(path) if head.startswith(b"[") else iter_jsonl(path)
     else:
-        raise ValueError(f"unsupported file type {path} (expected .json, .jsonl or .parquet)")
+        raise BuildError(f"unsupported file type {path} (expected .json, .jsonl, .ndjson or .parquet)")
     return _objects_only(records)
 
 
