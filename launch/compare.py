@@ -32,12 +32,14 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from hycam_ds.engine import telemetry as tags
+from hycam_ds.engine.cli import Parser, UsageError, run_main
 from hycam_ds.engine.run_dir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,7 +77,7 @@ METHODS: dict[str, Method] = {
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--backbone", help="a backbone: Hugging Face directory, .gguf file or hub id org/name[@revision]"
     )
@@ -137,10 +139,37 @@ def run(cmd: list[str], log_path: Path) -> float:
     with open(log_path, "a") as log:
         log.write(f"\n$ {' '.join(cmd)}\n")
         log.flush()
-        result = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
-    if result.returncode != 0:
-        sys.exit(f"compare.py: {' '.join(cmd[:3])} ... failed (exit {result.returncode}); see {log_path}")
+        child = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+        returncode = wait_for_stage(child)
+    if returncode != 0:
+        sys.exit(f"compare.py: {' '.join(cmd[:3])} ... failed (exit {returncode}); see {log_path}")
     return time.perf_counter() - started
+
+
+def wait_for_stage(child: subprocess.Popen) -> int:
+    """The stage's exit status. On Ctrl-C (the stage, in the same process group, got it too) or
+    SIGTERM (forwarded to it) the stage is left to save its checkpoint and exit; then compare.py
+    stops, and the same command resumes. subprocess.run would kill the stage before it saved."""
+    stopped_by: list[str] = []
+
+    def forward(signum, _frame):
+        stopped_by.append(signal.Signals(signum).name)
+        child.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        while True:
+            try:
+                returncode = child.wait()
+                break
+            except KeyboardInterrupt:
+                stopped_by.append("Ctrl-C")
+                print("compare.py: interrupted; waiting for the running stage to save ...", file=sys.stderr, flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if stopped_by:
+        sys.exit(f"compare.py: stopped by {stopped_by[0]}; run the same command again to resume")
+    return returncode
 
 
 def build_data(args: argparse.Namespace, out: Path) -> Path:
@@ -451,28 +480,28 @@ def parse_lrs(text: str) -> dict[str, tuple[float, ...]]:
     for part in filter(None, (p.strip() for p in text.split(";"))):
         name, _, values = part.partition("=")
         if name not in METHODS or not METHODS[name].lrs:
-            sys.exit(
-                f"compare.py: --lrs: {name!r} is not a method with its own learning rate "
+            raise UsageError(
+                f"--lrs: {name!r} is not a method with its own learning rate "
                 f"({[n for n, m in METHODS.items() if m.lrs]})"
             )
         try:
             lrs[name] = tuple(float(v) for v in values.split(","))
         except ValueError:
-            sys.exit(f"compare.py: --lrs: {part!r} is not name=lr[,lr...]")
+            raise UsageError(f"--lrs: {part!r} is not name=lr[,lr...]") from None
     return lrs
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
     if not (args.backbone or args.backbone_name):
-        sys.exit("compare.py: give --backbone or --backbone-name")
+        raise UsageError("give --backbone or --backbone-name")
     names = args.methods.split(",")
     unknown = [m for m in names if m not in METHODS]
     if unknown:
-        sys.exit(f"compare.py: unknown method(s) {unknown}; choose from {list(METHODS)}")
+        raise UsageError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
     for name in names:
         source = METHODS[name].lr_from
         if source and source not in names:
-            sys.exit(f"compare.py: {name!r} takes the learning rate chosen for {source!r}: include it in --methods")
+            raise UsageError(f"{name!r} takes the learning rate chosen for {source!r}: include it in --methods")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     general = args.general_text
@@ -482,7 +511,11 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    return run_main("compare.py", lambda: _main(sys.argv[1:] if argv is None else argv))
+
+
+def _main(argv: list[str]) -> int:
+    args = parse_args(argv)
     plan = make_plan(args)
     rows, chosen = [], {}
     for name in args.methods.split(","):

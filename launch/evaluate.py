@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from hycam_ds.engine.cli import Parser, UsageError, run_main
 from hycam_ds.engine.distributed import init_process_group
 from hycam_ds.eval.loading import ModelSpec
 from hycam_ds.eval.recipe import evaluate, run_model_spec, write
@@ -32,7 +33,7 @@ DEFAULTS = EvalSettings()
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", help="a launch/train.py run directory: backbone, adapter and data from it")
     parser.add_argument("--backbone", help="Hugging Face backbone directory, .gguf file or hub id")
     parser.add_argument("--backbone-name", help="or a backbone built in code (hycam_ds.modeling.backbones) ...")
@@ -63,7 +64,32 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--ds_config", help="DeepSpeed JSON: ZeRO-3 partitions the model across ranks")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--no-progress", action="store_true")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """What can be checked before anything loads."""
+    for option, value in (
+        ("--max-new-tokens", args.max_new_tokens),
+        ("--batch-size", args.batch_size),
+        ("--general-tokens", args.general_tokens),
+    ):
+        if value < 1:
+            raise UsageError(f"{option}: expected >= 1, got {value}")
+    if args.max_examples is not None and args.max_examples < 0:
+        raise UsageError(f"--max-examples: expected >= 0 (0: no generation), got {args.max_examples}")
+    if args.max_ppl_rows is not None and args.max_ppl_rows < 1:
+        raise UsageError(f"--max-ppl-rows: expected >= 1, got {args.max_ppl_rows}")
+    if args.general_text is not None and not Path(args.general_text).is_dir():
+        raise UsageError(f"--general-text {args.general_text}: no such directory (of .txt files)")
+    if args.ds_config is not None and not Path(args.ds_config).is_file():
+        raise UsageError(f"--ds_config {args.ds_config}: no such file")
+    if args.run_dir is not None and not Path(args.run_dir).is_dir():
+        raise UsageError(f"--run-dir {args.run_dir}: no such directory")
+    if args.data is not None and not (Path(args.data) / "manifest.json").is_file():
+        raise UsageError(f"--data {args.data}: holds no data build (no manifest.json)")
 
 
 def resolve(args: argparse.Namespace):
@@ -74,9 +100,9 @@ def resolve(args: argparse.Namespace):
         spec, data_dir, tokenizer = run_model_spec(Path(args.run_dir))
         return spec, Path(args.data) if args.data else data_dir, tokenizer
     if not args.data:
-        sys.exit("evaluate.py: --data (or --run-dir) is required")
+        raise UsageError("--data (or --run-dir) is required")
     if not (args.backbone or args.backbone_name or args.full_model):
-        sys.exit("evaluate.py: give --backbone, --backbone-name, --full-model or --run-dir")
+        raise UsageError("give --backbone, --backbone-name, --full-model or --run-dir")
     data_dir = Path(args.data)
     tokenizer = load_tokenizer(args.full_model or args.backbone or str(data_dir / "tokenizer"))
     spec = ModelSpec(
@@ -103,9 +129,13 @@ def settings_from(args: argparse.Namespace) -> EvalSettings:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_main("evaluate.py", lambda: _main(sys.argv[1:] if argv is None else argv))
+
+
+def _main(argv: list[str]) -> int:
     from tqdm import tqdm
 
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score logs one line per scorer
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))

@@ -20,14 +20,15 @@ from pathlib import Path
 
 import torch
 
-from data_pipeline import TEMPLATES, BuildError, PromptFormat, load_manifest, manifest_template, prompt_format
+from data_pipeline import TEMPLATES, PromptFormat, load_manifest, manifest_template, prompt_format
+from hycam_ds.engine.cli import Parser, UsageError, run_main
 from hycam_ds.engine.run_dir import RunDir
 from hycam_ds.eval.loading import ModelSpec, load_model
 from hycam_ds.eval.recipe import run_model_spec
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("prompts", nargs="*", help="instructions; '-' reads one per line from stdin")
     parser.add_argument("--run-dir", help="a launch/train.py run directory")
     parser.add_argument("--backbone", help="Hugging Face backbone directory or hub id")
@@ -87,8 +88,8 @@ def prompting(args, tokenizer) -> Prompting:
         return Prompting(prompt_format(args.template or "alpaca", tokenizer, args.system_prompt))
     template, add_bos = run_template(Path(args.run_dir))
     if args.template not in (None, template["name"]):
-        sys.exit(
-            f"generate.py: --template {args.template}, but the run {args.run_dir} trained on {template['name']} prompts"
+        raise UsageError(
+            f"--template {args.template}, but the run {args.run_dir} trained on {template['name']} prompts"
         )
     return Prompting(prompt_format(template["name"], tokenizer, template.get("system_prompt")), add_bos)
 
@@ -126,15 +127,20 @@ def complete(model, tokenizer, ids: list[int], stops: list[int], args) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    return run_main("generate.py", lambda: _main(sys.argv[1:] if argv is None else argv))
+
+
+def _main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens: expected >= 1, got {args.max_new_tokens}")
+    if args.run_dir is not None and not Path(args.run_dir).is_dir():
+        raise UsageError(f"--run-dir {args.run_dir}: no such directory")
     prompts = [line.strip() for p in args.prompts for line in (sys.stdin if p == "-" else [p]) if line.strip()]
     if not prompts:
-        sys.exit("generate.py: give at least one prompt")
+        raise UsageError("give at least one prompt")
     model, tokenizer = load(args)
-    try:
-        how = prompting(args, tokenizer)
-    except BuildError as err:  # e.g. --template chat with a tokenizer that has no chat template
-        sys.exit(f"generate.py: {err}")
+    how = prompting(args, tokenizer)  # BuildError: e.g. --template chat with a tokenizer without a chat template
     for prompt in prompts:
         text = prompt if args.raw else how.fmt.prompt(prompt, args.input)
         ids = tokenizer.encode(text, add_special_tokens=True) if args.raw else how.ids(tokenizer, text)

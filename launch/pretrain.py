@@ -51,7 +51,8 @@ from data_pipeline import (  # noqa: E402
     train_sentencepiece,
 )
 from data_pipeline.examples import RowReport  # noqa: E402
-from hycam_ds.modeling.fileio import atomic_directory, write_bytes_atomic  # noqa: E402
+from hycam_ds.engine.cli import Parser, UsageError, run_main  # noqa: E402
+from hycam_ds.modeling.fileio import atomic_directory, check_replaceable, write_bytes_atomic  # noqa: E402
 
 SHARED = (ROOT / ".." / "shared" / "data").resolve()
 HELD_OUT_FRACTION = 0.015
@@ -117,19 +118,19 @@ class PretrainConfig:
         cfg = dataclasses.replace(self)
         if not cfg.text_dirs:
             if not (SHARED / "general").is_dir():
-                raise SystemExit(f"pretrain.py: {SHARED / 'general'} not found; give --text-dir DIR")
+                raise UsageError(f"{SHARED / 'general'} not found; give --text-dir DIR")
             cfg.text_dirs = [str(SHARED / "general")]
         if cfg.task_recipe is None:
             shared = (SHARED / "tasks").is_dir()
             cfg.task_recipe = str(ROOT / "data_pipeline" / "recipes" / ("hycam5.yaml" if shared else "embedded.yaml"))
             cfg.data_root = cfg.data_root or (str(SHARED) if shared else None)
         if cfg.minutes is None and cfg.steps is None:
-            raise SystemExit("pretrain.py: give --minutes and/or --steps")
+            raise UsageError("give --minutes and/or --steps")
         return cfg
 
 
 def parse_args(argv: list[str]) -> PretrainConfig:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     fields = {f.name: f for f in dataclasses.fields(PretrainConfig)}
     parser.add_argument("--out", required=True)
     parser.add_argument("--text-dir", dest="text_dirs", action="append", default=[], help="repeatable")
@@ -164,7 +165,7 @@ def general_text(text_dirs: list[str]) -> tuple[list[str], list[str]]:
     """(train, held-out) documents: each a run of sentences joined by spaces, split by line chunks."""
     files = sorted(p for d in text_dirs for p in Path(d).rglob("*.txt"))
     if not files:
-        raise SystemExit(f"pretrain.py: no .txt files under {text_dirs}")
+        raise UsageError(f"no .txt files under {text_dirs}")
     train, held = [], []
     for path in files:
         lines = [detokenize(x) for x in path.read_text(encoding="utf-8", errors="replace").splitlines()]
@@ -262,7 +263,7 @@ def eval_blocks(held: torch.Tensor, seq_len: int, limit: int) -> torch.Tensor:
     """Fixed, non-overlapping held-out blocks (seq_len + 1 tokens each: inputs and shifted targets)."""
     n = max(1, min(limit, (len(held) - 1) // seq_len))
     if len(held) < seq_len + 1:
-        raise SystemExit(f"pretrain.py: held-out text has {len(held)} tokens, fewer than --seq-len + 1")
+        raise UsageError(f"held-out text has {len(held)} tokens, fewer than --seq-len + 1")
     return torch.stack([held[i * seq_len : i * seq_len + seq_len + 1] for i in range(n)]).long()
 
 
@@ -388,8 +389,13 @@ def save_checkpoint(path: Path, model, opt, state: FitState, gen: torch.Generato
 def save(cfg: PretrainConfig, model, tok, state: FitState, n_train: int, n_held: int, wall_start: float) -> dict:
     """Model, tokenizer, metrics.json and loss.png into a temporary sibling, then renamed to --out."""
     out = Path(cfg.out).resolve()
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, is_pretrained_output, "a backbone written by pretrain.py") as tmp:
         return _write_backbone(tmp, cfg, model, tok, state, n_train, n_held, wall_start)
+
+
+def is_pretrained_output(directory: Path) -> bool:
+    """A directory this script wrote before: a model, its tokenizer and metrics.json."""
+    return all((directory / name).is_file() for name in ("config.json", "metrics.json", "model.safetensors"))
 
 
 def _write_backbone(
@@ -458,9 +464,14 @@ def plot_loss(state: FitState, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    return run_main("pretrain.py", lambda: _main(sys.argv[1:] if argv is None else argv))
+
+
+def _main(argv: list[str]) -> int:
+    cfg = parse_args(argv)
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out).resolve()
+    check_replaceable(out, is_pretrained_output, "a backbone written by pretrain.py")  # before hours of training
     partial = out.parent / f"{out.name}.partial"
     partial.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

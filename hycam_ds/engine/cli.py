@@ -6,13 +6,15 @@ else is a bug and keeps its traceback."""
 
 from __future__ import annotations
 
+import argparse
 import sys
-from typing import Callable
+from typing import Callable, NoReturn
 
 from data_pipeline import BuildError
 from data_pipeline.pretrained import PretrainedRefError
 
 from ..modeling.adapter_io import AdapterError
+from ..modeling.fileio import UnsafeOutputError
 from .checkpointing import CheckpointError
 from .packaged_backbones import FetchError
 from .run_dir import RunDirError
@@ -21,11 +23,25 @@ from .train_config import ConfigError
 USAGE_ERROR = 2
 """Exit status of a rejected command (argparse uses it too)."""
 
+
+class UsageError(ValueError):
+    """A command line that cannot work (a missing or contradictory option): the message says which."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (the usage is one --help away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE_ERROR, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 USER_ERRORS: tuple[type[BaseException], ...] = (
+    UsageError,
     ConfigError,
     CheckpointError,
     RunDirError,
     AdapterError,
+    UnsafeOutputError,
     FetchError,
     BuildError,
     PretrainedRefError,

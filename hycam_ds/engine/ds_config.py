@@ -99,10 +99,62 @@ def resolve_ds_config(raw: dict[str, Any], cfg: TrainConfig, world_size: int, bf
                 "optim.warmup_steps",
             )
             _fill(params, "cos_min_ratio", optim.min_lr_ratio, "scheduler.params.cos_min_ratio", "optim.min_lr_ratio")
+    check_types(ds)
     leftover = _find_auto(ds)
     if leftover:
         raise ConfigError(f'DeepSpeed config {leftover}="auto": hycam-ds does not know how to fill it; give a value')
+    check_with_deepspeed(ds)
     return ds
+
+
+# DeepSpeed's config model class -> the JSON section it reads.
+_SECTIONS = {"DeepSpeedZeroConfig": "zero_optimization", "DeepSpeedBF16Config": "bf16", "DeepSpeedFP16Config": "fp16"}
+
+
+def check_with_deepspeed(ds: dict[str, Any]) -> None:
+    """DeepSpeed reads the resolved config with its own config model now, not after the model is
+    loaded: a field it refuses (zero_optimization.stage 7, an unknown key) is a ConfigError naming
+    it."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from pydantic import ValidationError
+
+    # The batch sizes were checked against the world size above; DeepSpeed would recheck them
+    # against the world size it sees in this process (1 before the process group exists).
+    readable = {k: v for k, v in copy.deepcopy(ds).items() if k != "train_batch_size"}
+    try:
+        DeepSpeedConfig(readable)
+    except ValidationError as err:
+        section = _SECTIONS.get(err.title, err.title)
+        first = err.errors()[0]
+        field = ".".join([section, *(str(part) for part in first["loc"])])
+        raise ConfigError(f"DeepSpeed config {field}: {first['msg']} (got {first.get('input')!r})") from None
+    except (AssertionError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"DeepSpeed config: {' '.join(str(err).split()) or type(err).__name__}") from None
+
+
+def check_types(ds: dict[str, Any]) -> None:
+    """An optimizer or scheduler type DeepSpeed does not know, and a warm-up it rejects."""
+    import torch
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+    from deepspeed.runtime.lr_schedules import VALID_LR_SCHEDULES
+
+    optimizer = (ds.get("optimizer") or {}).get("type")
+    if optimizer is not None:
+        if optimizer.lower() not in DEEPSPEED_OPTIMIZERS and not hasattr(torch.optim, optimizer):
+            raise ConfigError(
+                f"DeepSpeed config optimizer.type: {optimizer!r} is neither a DeepSpeed optimizer "
+                f"({', '.join(DEEPSPEED_OPTIMIZERS)}) nor a torch.optim class"
+            )
+    scheduler = ds.get("scheduler") or {}
+    kind = scheduler.get("type")
+    if kind is not None and kind not in VALID_LR_SCHEDULES and not hasattr(torch.optim.lr_scheduler, kind):
+        raise ConfigError(
+            f"DeepSpeed config scheduler.type: {kind!r} is neither a DeepSpeed schedule "
+            f"({', '.join(VALID_LR_SCHEDULES)}) nor a torch.optim.lr_scheduler class"
+        )
+    warmup = scheduler.get("params", {}).get("warmup_num_steps")
+    if kind == "WarmupCosineLR" and isinstance(warmup, int) and warmup < 1:
+        raise ConfigError(f"optim.warmup_steps: {warmup}: DeepSpeed's WarmupCosineLR needs at least 1 warm-up step")
 
 
 def _find_auto(node: Any, prefix: str = "") -> str | None:

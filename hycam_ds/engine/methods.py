@@ -8,6 +8,7 @@ full   every backbone parameter trains
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,10 +16,11 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.integrations import HfDeepSpeedConfig
 
+from ..modeling.backbones import backbone_config as small_backbone_config
 from ..modeling.backbones import build_backbone
-from ..modeling.injection import apply_hycam, hycam_parameters
+from ..modeling.injection import FAMILY_LAYOUTS, apply_hycam, hycam_parameters
 from .ds_config import zero_stage
-from .train_config import TrainConfig, effective_hycam_config
+from .train_config import ConfigError, TrainConfig, effective_hycam_config
 
 
 def load_pretrained_model(ref: str, dtype: torch.dtype, attn_implementation: str) -> PreTrainedModel:
@@ -39,6 +41,77 @@ def load_pretrained_model(ref: str, dtype: torch.dtype, attn_implementation: str
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
     return model
+
+
+# What a local Hugging Face directory must hold for a model and its tokenizer to load.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spm.model", "vocab.txt")
+
+
+def backbone_config(ref: str):
+    """The config of a backbone reference, read alone (config.json, the GGUF header, or the hub or its
+    offline cache): no weights are loaded. Raises PretrainedRefError naming what is missing."""
+    from transformers import AutoConfig
+
+    from data_pipeline.pretrained import PretrainedRefError, cannot_load, parse_pretrained
+
+    source = parse_pretrained(ref)
+    if source.gguf_file is None and source.is_local:
+        directory = Path(source.name_or_path)
+        if not (directory / "config.json").is_file():
+            raise PretrainedRefError(
+                f"{ref}: no config.json: not a Hugging Face model directory (save_pretrained writes one)"
+            )
+        if not any((directory / name).is_file() for name in _TOKENIZER_FILES):
+            raise PretrainedRefError(
+                f"{ref}: holds no tokenizer (none of {', '.join(_TOKENIZER_FILES)}): "
+                "save the tokenizer beside the model"
+            )
+    try:
+        return AutoConfig.from_pretrained(source.name_or_path, **source.kwargs())
+    except OSError as err:
+        raise cannot_load(source, "config", err) from None
+    except ValueError as err:  # an unknown model_type in config.json
+        raise PretrainedRefError(f"{ref}: {' '.join(str(err).split())[:300]}") from None
+
+
+def check_backbone(cfg: TrainConfig) -> None:
+    """Before any data build or model load: the backbone exists and holds what loading needs, is a
+    family HyCAM wraps (hycam, cam), and has every module lora.target_modules names (lora; checked
+    on a skeleton of the model on the meta device). Raises ConfigError."""
+    from data_pipeline.pretrained import PretrainedRefError
+
+    if cfg.model.path is not None:
+        try:
+            config = backbone_config(cfg.model.path)
+        except PretrainedRefError as err:
+            raise ConfigError(f"model.path: {err}") from None
+        if cfg.method in ("hycam", "cam") and config.model_type not in FAMILY_LAYOUTS:
+            raise ConfigError(
+                f"model.path: {cfg.model.path} is a {config.model_type!r} model; HyCAM wraps "
+                f"{sorted(FAMILY_LAYOUTS)} (a family with the same decoder layout needs one row in "
+                "hycam_ds.modeling.injection.FAMILY_LAYOUTS)"
+            )
+    else:
+        config = small_backbone_config(cfg.model.name, vocab_size=cfg.data.vocab_size)
+    if cfg.method == "lora":
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+        check_lora_targets(skeleton, list(cfg.lora.target_modules))
+
+
+def check_lora_targets(model: nn.Module, targets: list[str]) -> None:
+    """Every entry of lora.target_modules must name a module of the backbone (PEFT silently skips
+    entries that match nothing as long as one matches)."""
+    leaves = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    missing = [
+        t
+        for t in targets
+        if t not in leaves and not any(n == t or n.endswith(f".{t}") for n, _ in model.named_modules())
+    ]
+    if missing:
+        raise ConfigError(
+            f"lora.target_modules: {missing} match no module of the backbone; its linear layers are {sorted(leaves)}"
+        )
 
 
 class BackboneLoader:
@@ -78,6 +151,7 @@ def adapt(model: PreTrainedModel, cfg: TrainConfig) -> tuple[nn.Module, list[nn.
     elif cfg.method == "lora":
         from peft import LoraConfig, get_peft_model
 
+        check_lora_targets(model, list(cfg.lora.target_modules))
         for p in model.parameters():
             p.requires_grad_(False)
         lora = LoraConfig(

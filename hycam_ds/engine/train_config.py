@@ -11,19 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import yaml
+from data_pipeline.typed_config import TypedConfigError, apply_overrides, build_dataclass, read_yaml_mapping
 
 from ..modeling.backbones import SMALL_BACKBONES
 from ..modeling.config import HyCAMConfig
 
 
-class ConfigError(ValueError):
+class ConfigError(TypedConfigError):
     """An invalid experiment configuration; the message names the field."""
 
 
@@ -139,6 +137,10 @@ class CheckpointConfig:
     """Complete checkpoints kept; older ones are deleted after a newer one is in place."""
     resume: str = "none"
     """none | auto (latest complete checkpoint of run_dir, if any) | a checkpoint directory."""
+    overwrite: bool = False
+    """Start over in a run_dir that already holds a run: its files (config, metrics, TensorBoard,
+    checkpoints, tokenizer, adapter) move to run_dir/archive/run-TIME/, never deleted. Without it
+    such a run_dir is refused unless `resume` continues the run (hycam_ds.engine.run_dir)."""
     export_adapter: bool = True
     """Write run_dir/adapter at the end (HyCAM/CAM: save_adapter; LoRA: PEFT; full: the model)."""
 
@@ -162,117 +164,14 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------- building
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check `value` against the annotation `tp` (int/float/bool/str/Optional/Literal/list)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        inner = [o for o in options if o is not type(None)]
-        return _coerce(value, inner[0], where)
-    if origin is Literal:
-        allowed = typing.get_args(tp)
-        if value not in allowed:
-            raise ConfigError(f"{where}: {value!r} is not one of {list(allowed)}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
-        (item,) = typing.get_args(tp)
-        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads 5e-4 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")
-
-
-def _build(cls: type, values: dict[str, Any], where: str) -> Any:
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        prefix = f"{where}." if where else ""
-        raise ConfigError(f"unknown key {prefix}{unknown[0]} (known in {where or 'the top level'}: {sorted(fields)})")
-    kwargs = {}
-    for name, value in values.items():
-        path = f"{where}.{name}" if where else name
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, path)
-        else:
-            kwargs[name] = _coerce(value, tp, path)
-    try:
-        return cls(**kwargs)
-    except ValueError as err:  # HyCAMConfig's own checks name their field
-        raise ConfigError(f"{where}: {err}") from None
-
-
-def _parse_override(text: str) -> tuple[list[str], Any]:
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} is not key=value")
-    key, raw = text.split("=", 1)
-    if not key or any(not part.isidentifier() for part in key.split(".")):
-        raise ConfigError(f"override {text!r}: {key!r} is not a dotted field name")
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.split("."), value
-
-
-def _set_path(tree: dict, path: list[str], value: Any) -> None:
-    node = tree
-    for part in path[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {'.'.join(path)}: {part} is not a group")
-        node = child
-    node[path[-1]] = value
-
-
 def load_train_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> TrainConfig:
     """YAML file (optional) + key=value overrides -> a validated TrainConfig, its `hycam` section
-    resolved for the method (method=cam: the shared CAM alone, see effective_hycam_config)."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"--config {path}: no such file")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"--config {path}: invalid YAML: {err}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"--config {path}: expected a mapping at the top level")
-    for text in overrides:
-        keys, value = _parse_override(text)
-        _set_path(tree, keys, value)
-    config = _build(TrainConfig, tree, "")
+    resolved for the method (method=cam: the shared CAM alone, see effective_hycam_config). Read with
+    data_pipeline's typed loader: duplicate YAML keys, unknown keys, wrong types and non-finite
+    numbers are errors naming the field."""
+    tree = {} if path is None else read_yaml_mapping(path, label="--config", error=ConfigError)
+    apply_overrides(tree, overrides, error=ConfigError)
+    config = build_dataclass(TrainConfig, tree, error=ConfigError)
     validate(config)
     config.hycam = effective_hycam_config(config)
     return config
@@ -290,13 +189,6 @@ def validate(cfg: TrainConfig) -> None:
             f"model.name: {cfg.model.name!r} is not a built-in backbone ({sorted(SMALL_BACKBONES)}); "
             "set model.path for a Hugging Face one"
         )
-    if cfg.model.path is not None:
-        from data_pipeline.pretrained import PretrainedRefError, parse_pretrained
-
-        try:
-            parse_pretrained(cfg.model.path)
-        except PretrainedRefError as err:
-            raise ConfigError(f"model.path: {err}") from None
     if cfg.model.attn_implementation not in ("sdpa", "eager"):
         raise ConfigError(
             f"model.attn_implementation: {cfg.model.attn_implementation!r}: "
@@ -356,6 +248,28 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"logging.collapse_threshold: expected within (0, 1], got {cfg.logging.collapse_threshold}")
     if cfg.checkpoint.resume not in ("none", "auto") and not Path(cfg.checkpoint.resume).is_dir():
         raise ConfigError(f"checkpoint.resume: {cfg.checkpoint.resume!r} is not none, auto, or a checkpoint directory")
+    if cfg.data.dir is None:
+        _check_recipe(cfg)
+    from .methods import check_backbone  # last: it reads the backbone's config (a hub id may reach the network)
+
+    check_backbone(cfg)
+
+
+def _check_recipe(cfg: TrainConfig) -> None:
+    """The recipe this run would build loads (typed, its relative paths with a data root), and a
+    vocabulary trained here can hold the byte pieces."""
+    from data_pipeline import BuildError, load_recipe
+    from data_pipeline.tokenizer import MIN_VOCAB_SIZE
+
+    if cfg.model.path is None and cfg.data.vocab_size < MIN_VOCAB_SIZE:
+        raise ConfigError(
+            f"data.vocab_size: {cfg.data.vocab_size} is below {MIN_VOCAB_SIZE}, the smallest vocabulary trained here "
+            "(256 byte pieces and the special tokens)"
+        )
+    try:
+        load_recipe(cfg.data.recipe, cfg.data.data_root, root_required=True)
+    except BuildError as err:
+        raise ConfigError(f"data.recipe: {err}") from None
 
 
 def effective_hycam_config(cfg: TrainConfig) -> HyCAMConfig:

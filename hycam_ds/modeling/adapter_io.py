@@ -70,7 +70,7 @@ def save_adapter(
             "under ZeRO-3 gather them first (deepspeed.zero.GatheredParameters)"
         )
     destination = Path(directory)
-    with atomic_directory(destination) as staging:
+    with atomic_directory(destination, is_adapter_dir, "a HyCAM adapter") as staging:
         save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": FORMAT})
         (staging / CONFIG_FILE).write_text(config.to_json())
         manifest = {
@@ -87,6 +87,16 @@ def save_adapter(
         }
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     return destination
+
+
+def is_adapter_dir(directory: Path) -> bool:
+    """Whether `directory` holds a HyCAM adapter (its manifest names the format) and nothing else."""
+    manifest = Path(directory) / MANIFEST_FILE
+    try:
+        ours = json.loads(manifest.read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+    return ours and {p.name for p in Path(directory).iterdir()} <= {WEIGHTS_FILE, CONFIG_FILE, MANIFEST_FILE}
 
 
 def read_adapter(directory: str | os.PathLike) -> tuple[HyCAMConfig, dict[str, torch.Tensor], dict]:

@@ -13,7 +13,24 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
+
+
+class UnsafeOutputError(ValueError):
+    """A destination that holds something other than the output it would be replaced with."""
+
+
+def check_replaceable(destination: Path, is_own_output: Callable[[Path], bool], what: str) -> None:
+    """Raise UnsafeOutputError unless `destination` is absent, an empty directory, or holds `what`
+    (as `is_own_output` recognises it): replacing it must never delete anything else."""
+    destination = Path(destination)
+    if destination.is_symlink() or (destination.exists() and not destination.is_dir()):
+        raise UnsafeOutputError(f"{destination}: exists and is not a directory; refusing to replace it with {what}")
+    if destination.is_dir() and any(destination.iterdir()) and not is_own_output(destination):
+        raise UnsafeOutputError(
+            f"{destination}: holds files that are not {what}; refusing to replace it "
+            "(choose another directory, or empty this one yourself)"
+        )
 
 
 def sha256_file(path: Path) -> str:
@@ -70,10 +87,14 @@ def replace_directory(staging: Path, destination: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(destination: str | os.PathLike) -> Iterator[Path]:
+def atomic_directory(
+    destination: str | os.PathLike, is_own_output: Callable[[Path], bool], what: str
+) -> Iterator[Path]:
     """Yields an empty staging directory beside `destination`; when the block ends without an
-    exception it becomes `destination`, otherwise it is removed and `destination` is untouched."""
+    exception it becomes `destination`, otherwise it is removed and `destination` is untouched.
+    `destination` is replaced only if it is absent, empty or `is_own_output` (check_replaceable)."""
     destination = Path(destination)
+    check_replaceable(destination, is_own_output, what)
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
     try:
