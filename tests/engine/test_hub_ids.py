@@ -154,7 +154,10 @@ def test_unknown_hub_id_offline_is_a_clear_error(tmp_path, hub_cache, embedded_d
         check=False,
     )
     assert result.returncode == 2, result.stderr[-3000:]
-    assert result.stderr.startswith("train.py: model.path: hycam-test/absent: cannot load its tokenizer")
+    # refused while the configuration is checked, before any data build: its config cannot be read
+    assert result.stderr.startswith(
+        "train.py: invalid configuration: model.path: hycam-test/absent: cannot load its config"
+    )
     assert "HF_HUB_OFFLINE" in result.stderr and "Traceback" not in result.stderr
 
 

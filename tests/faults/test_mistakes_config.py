@@ -43,6 +43,7 @@ def world(embedded_data, tmp_path_factory):
         (root / f"{name}.json").write_text(json.dumps(config))
     (root / "broken.json").write_text('{"zero_optimization": {"stage": 3,}')
     (root / "broken.yaml").write_text("optim:\n  lr: [1e-3\n")
+    (root / "twice.yaml").write_text("optim:\n  lr: 1.0e-3\noptim:\n  max_steps: 5\n")
     (root / "general_elsewhere").mkdir()
     (root / "general_elsewhere" / "notes.txt").write_text("my notes\n")
     return {
@@ -99,6 +100,17 @@ CASES = [
     ("ds_config missing", lambda w: _train(w, ds_config="ds_configs/zero9.json"), ("--ds_config", "zero9")),
     ("--config missing", lambda w: _train(w, config="launch/configs/nope.yaml"), ("--config", "nope.yaml")),
     ("--config not YAML", lambda w: _train(w, config=str(w["root"] / "broken.yaml")), ("invalid YAML",)),
+    (
+        "two optim: blocks in one YAML",
+        lambda w: _train(w, config=str(w["root"] / "twice.yaml")),
+        ("duplicate", "optim"),
+    ),
+    ("data.vocab_size=10", lambda w: _train(w, "data.dir=null", "data.vocab_size=10"), ("data.vocab_size",)),
+    (
+        "hycam5 recipe without a data root",
+        lambda w: _train(w, "data.dir=null", "data.recipe=data_pipeline/recipes/hycam5.yaml"),
+        ("data_root",),
+    ),
     ("data.dir without a build", lambda w: _train(w, f"data.dir={w['root']}"), ("data.dir", "manifest.json")),
     (
         "checkpoint.resume=a missing path",
