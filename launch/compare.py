@@ -502,12 +502,13 @@ def make_plan(args: argparse.Namespace) -> Plan:
         source = METHODS[name].lr_from
         if source and source not in names:
             raise UsageError(f"{name!r} takes the learning rate chosen for {source!r}: include it in --methods")
+    lrs = parse_lrs(args.lrs)  # every argument checked before the data build starts
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     general = args.general_text
     if general is None and args.data_root and (Path(args.data_root) / "general").is_dir():
         general = str(Path(args.data_root) / "general")
-    return Plan(args, out, build_data(args, out), general, parse_lrs(args.lrs))
+    return Plan(args, out, build_data(args, out), general, lrs)
 
 
 def main(argv: list[str] | None = None) -> int:
