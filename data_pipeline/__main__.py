@@ -15,7 +15,7 @@ from typing import NoReturn
 
 from .build import build_dataset
 from .config import BuildConfig
-from .examples import BuildError
+from .examples import BuildError, one_line
 from .pretrained import PretrainedRefError
 from .shards import load_manifest, verify
 from .template import TEMPLATES
@@ -64,15 +64,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     v = sub.add_parser("verify", help="re-check every checksum of a build")
     v.add_argument("dir")
     return parser.parse_args(argv)
-
-
-def one_line(err: BaseException) -> str:
-    """The error's message on one line (OSError: its file name and reason)."""
-    if isinstance(err, OSError) and err.filename is not None and err.strerror:
-        text = f"{err.filename}: {err.strerror}"
-    else:
-        text = str(err) or type(err).__name__
-    return " ".join(text.split())
 
 
 def main(argv=None) -> int:

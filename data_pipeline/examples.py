@@ -55,6 +55,15 @@ class BuildError(RuntimeError):
     """A build that must stop (strict mode, bad recipe, missing file)."""
 
 
+def one_line(err: BaseException) -> str:
+    """The error's message on one line (OSError: its file name and reason)."""
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        text = f"{err.filename}: {err.strerror}"
+    else:
+        text = str(err) or type(err).__name__
+    return " ".join(text.split())
+
+
 def get_str(record: Any, key: str, required: bool = True, default: str = "") -> str:
     """Field `key` of a raw record as a string, raising the `BadRow` that says why it is not one."""
     if not isinstance(record, dict):

@@ -11,6 +11,7 @@ import sys
 from typing import Callable, NoReturn
 
 from data_pipeline import BuildError
+from data_pipeline.examples import one_line
 from data_pipeline.pretrained import PretrainedRefError
 
 from ..modeling.adapter_io import AdapterError
@@ -47,15 +48,6 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     PretrainedRefError,
     OSError,
 )
-
-
-def one_line(err: BaseException) -> str:
-    """The error's message on one line (OSError: its file name and reason)."""
-    if isinstance(err, OSError) and err.filename is not None and err.strerror:
-        text = f"{err.filename}: {err.strerror}"
-    else:
-        text = str(err) or type(err).__name__
-    return " ".join(text.split())
 
 
 def run_main(prog: str, main: Callable[[], int]) -> int:
