@@ -14,6 +14,12 @@ pointer. A kill at any moment leaves either the previous checkpoint as latest or
 complete. DeepSpeed's own `latest` file is never written (it is written before the shards).
 Loading verifies the manifest first: a truncated or modified file is refused before anything
 is deserialised, so a planted file is never unpickled.
+
+Resuming says what to do when it cannot: a `latest` that is missing, names a deleted checkpoint
+or one that fails its manifest check is an error naming the newest intact checkpoint and the
+override that resumes from it (`checkpoint.resume=RUN/checkpoints/step_XXXXXXXX`); a configuration
+that differs from the checkpoint's in what shapes the model or gives the state its meaning
+(`config_changes`) is refused, naming each field old -> new, before anything is loaded.
 """
 
 from __future__ import annotations
@@ -154,19 +160,52 @@ def check_pickles_are_data(checkpoint: Path) -> None:
             raise CheckpointError(f"{path}: refused, not plain tensor data ({reason})") from None
 
 
+def complete_checkpoints(root: Path) -> list[Path]:
+    """The step_XXXXXXXX directories under `root`, oldest first (a name only complete ones get)."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and CHECKPOINT_NAME.match(p.name))
+
+
+def newest_intact(root: Path, exclude: Path | None = None) -> Path | None:
+    """The newest checkpoint under `root` that verifies against its manifest (other than `exclude`)."""
+    for candidate in reversed(complete_checkpoints(root)):
+        if exclude is not None and candidate.resolve() == exclude.resolve():
+            continue
+        try:
+            verify(candidate)
+        except (CheckpointError, OSError, KeyError, TypeError):
+            continue
+        return candidate
+    return None
+
+
+def resume_hint(run_dir: Path, exclude: Path | None = None) -> str:
+    """What to type instead: the override that resumes from the newest intact checkpoint, or how to start over."""
+    intact = newest_intact(Path(run_dir) / "checkpoints", exclude)
+    if intact is None:
+        return "no intact checkpoint is left: start over with checkpoint.overwrite=true (the run's files are archived)"
+    override = f"checkpoint.resume={Path(run_dir) / 'checkpoints' / intact.name}"
+    return f"the newest intact checkpoint is {intact.name}: resume from it with {override}"
+
+
 def resolve_checkpoint(run_dir: Path, resume: str) -> Path | None:
-    """`resume`: none | auto (the pointer of run_dir/checkpoints, None if there is none) | a path.
-    A path must be a checkpoint directory inside run_dir/checkpoints, never elsewhere."""
+    """`resume`: none | auto (the pointer of run_dir/checkpoints, None if there is no checkpoint at
+    all) | a path. A path must be a checkpoint directory inside run_dir/checkpoints, never elsewhere.
+    A pointer that is missing while checkpoints exist, or that names a checkpoint that is gone, is
+    an error naming the newest intact checkpoint and the override that resumes from it."""
     root = (run_dir / "checkpoints").resolve()
     if resume == "none":
         return None
     if resume == "auto":
         pointer = root / POINTER
         if not pointer.is_file():
+            if complete_checkpoints(root):
+                raise CheckpointError(f"{pointer}: missing although {root} holds checkpoints; {resume_hint(run_dir)}")
             return None
         name = pointer.read_text().strip()
         if not CHECKPOINT_NAME.match(name):
-            raise CheckpointError(f"{pointer}: names {name!r}, not a checkpoint of this run")
+            raise CheckpointError(f"{pointer}: names {name!r}, not a checkpoint of this run; {resume_hint(run_dir)}")
         candidate = root / name
     else:
         candidate = Path(resume).resolve()
@@ -175,5 +214,84 @@ def resolve_checkpoint(run_dir: Path, resume: str) -> Path | None:
                 f"checkpoint.resume={resume!r}: not a checkpoint directory of this run ({root}/step_XXXXXXXX)"
             )
     if not candidate.is_dir():
-        raise CheckpointError(f"{candidate}: no such checkpoint")
+        raise CheckpointError(f"{candidate}: no such checkpoint (deleted?); {resume_hint(run_dir, candidate)}")
     return candidate
+
+
+def verify_for_resume(run_dir: Path, checkpoint: Path) -> dict[str, Any]:
+    """verify(), with the way out in the message when the checkpoint is damaged."""
+    try:
+        return verify(checkpoint)
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}; {resume_hint(run_dir, checkpoint)}") from None
+
+
+# ------------------------------------------------------------------ resuming under another configuration
+# What a checkpoint cannot be resumed under when it changes: the model (shapes, the frozen weights),
+# the method and its settings, the data and how it is read, the precision of the saved state.
+# hycam.eval_routing only acts at evaluation; model.name and model.seed only name a backbone built
+# in code, the data recipe's settings only a build from the recipe; the rest (optim.*: the schedule,
+# model.gradient_checkpointing, ...) may change, with a warning; logging.*, checkpoint.* and
+# run_dir (a moved run directory) silently.
+_FIXED = {
+    "method",
+    "model.path",
+    "model.name",
+    "model.seed",
+    "data.dir",
+    "data.recipe",
+    "data.data_root",
+    "data.seq_len",
+    "data.vocab_size",
+    "data.template",
+    "data.task_sampling",
+    "data.temperature",
+    "data.seed",
+    "optim.precision",
+}
+_SILENT = ("run_dir", "logging.", "checkpoint.")
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _fixed(key: str, current: dict[str, Any]) -> bool:
+    """Whether a change of `key` makes the checkpoint unusable, for the configuration `current` (flat)."""
+    built_in_code = current.get("model.path") is None
+    from_recipe = current.get("data.dir") is None
+    if key.startswith("hycam."):
+        return current["method"] in ("hycam", "cam") and key != "hycam.eval_routing"
+    if key.startswith("lora."):
+        return current["method"] == "lora"
+    if key in ("model.name", "model.seed"):
+        return built_in_code
+    if key in ("data.recipe", "data.data_root", "data.seq_len"):
+        return from_recipe
+    if key == "data.vocab_size":
+        return from_recipe and built_in_code
+    if key == "data.temperature":
+        return current.get("data.task_sampling") == "temperature"
+    return key in _FIXED
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(fixed, allowed): the settings that differ between a checkpoint's config and this job's, each
+    as "field old -> new". `fixed` ones make the checkpoint unusable; `allowed` ones (the schedule)
+    deserve a warning. Silent ones (logging, checkpointing, run_dir) are in neither, and so are
+    fields only one side has (added to or removed from the config since the checkpoint was saved)."""
+    old, new = _flatten(saved), _flatten(current)
+    fixed, allowed = [], []
+    for key in sorted(set(old) & set(new)):
+        if key.startswith(_SILENT) or old.get(key) == new.get(key):
+            continue
+        change = f"{key} {old.get(key)!r} -> {new.get(key)!r}"
+        (fixed if _fixed(key, new) else allowed).append(change)
+    return fixed, allowed

@@ -12,6 +12,11 @@ SIGTERM also stops training at the next step with a checkpoint, but does not req
 it is what `scancel` sends (a user who cancels a job must not see it come back), and a
 preemption with PreemptMode=REQUEUE is requeued by SLURM itself.
 
+SIGINT (Ctrl-C) stops the same way, and `interrupted` tells the trainer so (launch/train.py then
+exits 4, naming the checkpoint and the command that resumes). A second SIGINT aborts at once
+(exit 130, no checkpoint). Only SIGINT counts as the second one: on Ctrl-C in a terminal the
+deepspeed launcher (launcher/launch.py) also sends every rank SIGTERM, and SIGKILL 30 s later.
+
     guard = PreemptionGuard()
     for step in ...:
         train_step()
@@ -34,15 +39,17 @@ from .distributed import launcher_rank, rank_and_world
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+DEFAULT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 DEFAULT_REQUEUE_SIGNALS = (signal.SIGUSR1,)
+ABORT_STATUS = 130
+"""Exit status of a second Ctrl-C: 128 + SIGINT, as a shell reports a process ended by it."""
 
 
 class PreemptionGuard:
     """Turns a warning signal into a job-wide decision to stop, checkpoint and requeue.
 
     Args:
-        signals: signals that mean "stop soon" (default SIGUSR1 and SIGTERM).
+        signals: signals that mean "stop soon" (default SIGUSR1, SIGTERM and SIGINT).
         requeue_signals: those of `signals` after which the job is requeued (default SIGUSR1,
             the warning of an upcoming time limit or preemption); the others only stop.
         requeue_timeout_s: how long `scontrol requeue` may take before it is given up.
@@ -57,6 +64,8 @@ class PreemptionGuard:
         self._requeue_signals = frozenset(int(s) for s in requeue_signals)
         self._wants_requeue_local = False  # set by the handler for a requeue signal
         self._wants_requeue = False  # the job-wide decision, from should_stop()
+        self._sigints = 0  # Ctrl-Cs this process received
+        self._interrupted = False  # the job-wide decision: some rank received SIGINT
         self._stop = False
         self._checks = 0  # should_stop() calls: equal on all ranks at the same step
         self._requeue_timeout_s = requeue_timeout_s
@@ -66,9 +75,26 @@ class PreemptionGuard:
 
     def _on_signal(self, signum, frame):  # noqa: ARG002
         # Only flags: the step in progress must finish, and ranks agree in should_stop().
+        if signum == signal.SIGINT:
+            self._sigints += 1
+            if self._sigints > 1:
+                self._abort()
+            self._say("Ctrl-C: stopping after this step with a checkpoint (press Ctrl-C again to abort without one)")
         self._received = signum
         if signum in self._requeue_signals:
             self._wants_requeue_local = True
+
+    @staticmethod
+    def _say(text: str) -> None:
+        # os.write, not print: a handler may run while the main thread is inside a print of its own.
+        if launcher_rank() == 0:
+            os.write(2, f"train.py: {text}\n".encode())
+
+    def _abort(self) -> None:
+        self._say(
+            "second Ctrl-C: aborted without a checkpoint; checkpoint.resume=auto continues from the last one saved"
+        )
+        os._exit(ABORT_STATUS)  # at once: no collective, no cleanup that could wait on another rank
 
     @property
     def signal_received(self) -> int | None:
@@ -79,6 +105,11 @@ class PreemptionGuard:
     def preempted(self) -> bool:
         """True once `should_stop()` has returned True (the same on every rank)."""
         return self._stop
+
+    @property
+    def interrupted(self) -> bool:
+        """True when the decided stop came from a Ctrl-C (SIGINT) on some rank."""
+        return self._interrupted
 
     @property
     def requeue_requested(self) -> bool:
@@ -93,7 +124,7 @@ class PreemptionGuard:
         """
         local = self._received is not None
         self._checks += 1
-        flags = [int(local), int(self._wants_requeue_local)]
+        flags = [int(local), int(self._wants_requeue_local), int(self._sigints > 0)]
         if rank_and_world()[1] > 1:
             device = torch.device("cpu")
             if "nccl" in str(dist.get_backend()).lower() and torch.cuda.is_available():
@@ -112,6 +143,7 @@ class PreemptionGuard:
             )
         self._stop = self._stop or decided
         self._wants_requeue = self._wants_requeue or bool(flags[1])
+        self._interrupted = self._interrupted or bool(flags[2])
         return self._stop
 
     def requeue(self) -> None:

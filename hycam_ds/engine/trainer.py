@@ -8,11 +8,16 @@ micro-batches and ranks, weighted by token count) + balance_weight * the router'
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import math
+import os
 import random
+import shutil
+import signal
+import tempfile
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -23,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..modeling.fileio import write_json_atomic
+from ..modeling.fileio import replace_directory, sha256_file, write_json_atomic
 from ..modeling.injection import (
     has_hycam,
     has_router,
@@ -37,15 +42,24 @@ from ..modeling.stats import routing_stats
 from . import checkpointing as ckpt
 from . import faults
 from . import telemetry as tags
-from .distributed import all_reduce_sum, gather_ints, init_process_group, release_shm_buffers
+from .distributed import all_reduce_max, all_reduce_sum, gather_ints, init_process_group, release_shm_buffers
 from .ds_config import resolve_ds_config, zero_stage
 from .lm_loss import add_task_sums, packed_token_losses, perplexity, task_losses
 from .methods import BackboneLoader, adapt, count_parameters
-from .run_dir import RunDir, RunInfo
+from .run_dir import Claim, RunDir, RunInfo, check_run_dir_setting, claim_run_dir
 from .telemetry import CollapseDetector, Telemetry, routing_scalars
 from .train_config import TrainConfig, effective_hycam_config
 
 log = logging.getLogger(__name__)
+
+
+# config_changes() entries that only say where the data build is (a moved build is the same data)
+_DATA_LOCATION = tuple(f"data.{name} " for name in ("dir", "recipe", "data_root", "seq_len", "vocab_size"))
+
+
+class ReportedElsewhere(Exception):
+    """This rank stops because of an error another rank reports (rank 0's run-directory checks, a
+    checkpoint write that failed there): the entry point exits without printing it again."""
 
 
 def seed_everything(seed: int) -> None:
@@ -100,20 +114,26 @@ class Trainer:
         self.ckpt_root = self.layout.checkpoints
         self.step = 0
         self.skipped_steps = 0
+        self.claim: Claim | None = None  # rank 0's hold on the run directory (its lock)
+        self.resume_from: Path | None = None
+        self.last_checkpoint: Path | None = None
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
+        """Checks first, writes last: nothing in the run directory changes until the run directory,
+        the checkpoint to resume from and the configuration have all been accepted."""
         self.rank, self.world = init_process_group()
+        check_run_dir_setting(self.cfg.run_dir)
         seed_everything(self.cfg.optim.seed + self.rank)
         self.bf16 = self._resolve_bf16()
         self.ds_config = resolve_ds_config(self.ds_raw, self.cfg, self.world, self.bf16)
-        if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(self.layout.config, self.cfg.to_dict())
-            write_json_atomic(self.layout.ds_config, self.ds_config)
+        self.claim = self._decided_by_rank0(self._claim_run_dir)
+        self.find_checkpoint()
         self.build_data()
         self.build_model()
         self.maybe_resume()
+        if self.rank == 0:
+            self.write_run_files()
         # A resumed run rewrites history from its checkpoint on: metrics of steps after it (a run
         # killed past its last checkpoint) are dropped, TensorBoard purges them (purge_step).
         self.telemetry = Telemetry(
@@ -124,11 +144,49 @@ class Trainer:
             resume_step=self.step if self.step > 0 else None,
         )
 
+    def _claim_run_dir(self) -> Claim:
+        """Rank 0: the run directory's lock and verdict, and (when the run keeps its files) whether
+        the adapter export at the end may replace what RUN/adapter holds: refused now, not after training."""
+        from .exporting import check_export_destination
+
+        claim = claim_run_dir(self.layout, self.cfg.checkpoint.resume, self.cfg.checkpoint.overwrite)
+        try:
+            if self.cfg.checkpoint.export_adapter and claim.archive_reason is None:
+                check_export_destination(self.layout.adapter)
+        except BaseException:
+            claim.release()
+            raise
+        return claim
+
+    def _decided_by_rank0(self, action):
+        """Run `action` on rank 0 only and let every rank know how it went (no rank waits for a
+        decision that never comes): rank 0 raises its error, the others ReportedElsewhere."""
+        result, error = None, None
+        if self.rank == 0:
+            try:
+                result = action()
+            except Exception as err:  # noqa: BLE001 - whatever it is, the other ranks must hear of it
+                error = err
+        if self.world > 1:
+            verdict = [None if error is None else str(error) or type(error).__name__]
+            dist.broadcast_object_list(verdict, src=0)
+            if self.rank != 0 and verdict[0] is not None:
+                raise ReportedElsewhere(verdict[0])
+        if error is not None:
+            raise error
+        return result
+
     def _resolve_bf16(self) -> bool:
         precision = self.cfg.optim.precision
         if precision == "auto":
             return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         return precision == "bf16"
+
+    def planned_data_dir(self) -> Path:
+        """The data build this job reads (data.dir, or where the recipe is built), known before building."""
+        if self.cfg.data.dir is not None:
+            return Path(self.cfg.data.dir)
+        return Path(self.cfg.data.cache_dir) / data_cache_key(self.cfg)
 
     def build_data(self) -> None:
         from data_pipeline import (
@@ -140,15 +198,14 @@ class Trainer:
             tokenizer_fingerprint,
         )
 
-        data_dir = self.cfg.data.dir
-        if data_dir is None:
-            data_dir = str(Path(self.cfg.data.cache_dir) / data_cache_key(self.cfg))
-            if self.rank == 0 and not (Path(data_dir) / "manifest.json").is_file():
+        data_dir = self.planned_data_dir()
+        if self.cfg.data.dir is None:
+            if self.rank == 0 and not (data_dir / "manifest.json").is_file():
                 log.info("building %s into %s", self.cfg.data.recipe, data_dir)
                 build_dataset(
                     BuildConfig(
                         recipe=self.cfg.data.recipe,
-                        out=data_dir,
+                        out=str(data_dir),
                         data_root=self.cfg.data.data_root,
                         tokenizer=self.cfg.model.path,
                         train_tokenizer=self.cfg.model.path is None,
@@ -158,7 +215,7 @@ class Trainer:
                     )
                 )
             dist.barrier()
-        self.data_dir = Path(data_dir)
+        self.data_dir = data_dir
         tokenizer_path = self.cfg.model.path or str(self.data_dir / "tokenizer")
         self.tokenizer = load_tokenizer(tokenizer_path)
         self.tokenizer_ref = tokenizer_reference(tokenizer_path)
@@ -200,41 +257,145 @@ class Trainer:
             for p in self.model.parameters()
             if not p.requires_grad
         )
-        per_rank = gather_ints(local_bytes)
-        if self.rank == 0:
-            # What ZeRO-3 left on each rank of the frozen backbone: about total / world.
-            self.layout.update_partition(
-                world_size=self.world, frozen_bytes_per_rank=per_rank, zero_stage=zero_stage(self.ds_config)
+        # What ZeRO-3 left on each rank of the frozen backbone: about total / world.
+        self.frozen_bytes_per_rank = gather_ints(local_bytes)
+
+    def write_run_files(self) -> None:
+        """Rank 0, once every check has passed: the first writes into the run directory. What the
+        claim decided to archive moves first; then the config, the run's own tokenizer and what
+        launch/evaluate.py --run-dir needs to rebuild this run's model and data (run_info.json)."""
+        log.info(
+            "method=%s: %s trainable of %s parameters (%.3f%%), ZeRO stage %d, %s, world %d",
+            self.cfg.method,
+            f"{self.trainable:,}",
+            f"{self.total:,}",
+            100 * self.trainable / self.total,
+            zero_stage(self.ds_config),
+            "bf16" if self.bf16 else "fp32",
+            self.world,
+        )
+        self.claim.commit()
+        if self.resume_from is not None and self.cfg.checkpoint.resume != "auto":
+            self._archive_abandoned_checkpoints()
+        write_json_atomic(self.layout.config, self.cfg.to_dict())
+        write_json_atomic(self.layout.ds_config, self.ds_config)
+        self.layout.update_partition(
+            world_size=self.world,
+            frozen_bytes_per_rank=self.frozen_bytes_per_rank,
+            zero_stage=zero_stage(self.ds_config),
+        )
+        model = self.cfg.to_dict()["model"]
+        if model["path"] is not None and Path(model["path"]).expanduser().exists():
+            model["path"] = str(Path(model["path"]).expanduser().absolute())  # readable from any directory
+        self.layout.write_info(
+            RunInfo(
+                data_dir=self.layout.relative(self.data_dir),
+                tokenizer=self.tokenizer_ref,
+                tokenizer_dir=self.save_tokenizer(),
+                adapter=self.layout.relative(self.layout.adapter),
+                method=self.cfg.method,
+                model=model,
+                template=self.template,
+                trainable_parameters=self.trainable,
+                total_parameters=self.total,
             )
-            # What launch/evaluate.py --run-dir needs to rebuild this run's model and data.
-            self.layout.write_info(
-                RunInfo(
-                    data_dir=str(self.data_dir.resolve()),
-                    tokenizer=self.tokenizer_ref,
-                    method=self.cfg.method,
-                    model=self.cfg.to_dict()["model"],
-                    template=self.template,
-                    trainable_parameters=self.trainable,
-                    total_parameters=self.total,
-                )
-            )
-            log.info(
-                "method=%s: %s trainable of %s parameters (%.3f%%), ZeRO stage %d, %s, world %d",
-                self.cfg.method,
-                f"{self.trainable:,}",
-                f"{self.total:,}",
-                100 * self.trainable / self.total,
-                zero_stage(self.ds_config),
-                "bf16" if self.bf16 else "fp32",
-                self.world,
-            )
+        )
+
+    def save_tokenizer(self) -> str | None:
+        """RUN/tokenizer, the run's own copy of its tokenizer (a run directory moved elsewhere, or
+        whose data build was removed, still evaluates); its path relative to the run directory, or
+        None when the copy does not read back as the same tokenizer (then the reference is used)."""
+        from data_pipeline import load_tokenizer, tokenizer_fingerprint
+
+        target = self.layout.tokenizer
+        if not target.is_dir():
+            stage = Path(tempfile.mkdtemp(prefix=".tokenizer.tmp-", dir=self.run_dir))
+            stage.chmod(0o755)  # mkdtemp's 0700 would hide it from the other users of a shared run directory
+            try:
+                self.tokenizer.save_pretrained(str(stage))
+                replace_directory(stage, target)
+            finally:
+                shutil.rmtree(stage, ignore_errors=True)
+        try:
+            same = tokenizer_fingerprint(load_tokenizer(str(target.absolute()))) == self.fingerprint
+        except Exception as err:  # noqa: BLE001 - a copy that does not load is not used, whatever the reason
+            log.warning("%s: the tokenizer's copy does not load (%s); run_info.json names the original", target, err)
+            return None
+        if not same:
+            log.warning("%s: the tokenizer's copy differs from the original; run_info.json names the original", target)
+            return None
+        return self.layout.relative(target)
+
+    def _archive_abandoned_checkpoints(self) -> None:
+        """Resuming from an explicit, older checkpoint abandons the checkpoints after it: they move
+        to archive/ with the metrics they belong to, rather than being mixed with the new ones."""
+        newer = [p for p in ckpt.complete_checkpoints(self.ckpt_root) if p.name > self.resume_from.name]
+        if not newer:
+            return
+        destination = self.layout.archive / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}-after-{self.resume_from.name}"
+        (destination / "checkpoints").mkdir(parents=True)
+        for path in newer:
+            os.replace(path, destination / "checkpoints" / path.name)
+        if self.layout.metrics.is_file():
+            shutil.copy2(self.layout.metrics, destination / "metrics.jsonl")
+        log.warning(
+            "resuming from %s: the later checkpoints (%s) and the metrics up to them moved to %s",
+            self.resume_from.name,
+            ", ".join(p.name for p in newer),
+            destination,
+        )
 
     # ------------------------------------------------------------------ checkpoints
-    def maybe_resume(self) -> None:
+    def find_checkpoint(self) -> None:
+        """Which checkpoint this job resumes from, and whether this configuration can resume it: before
+        any data is built or model loaded. Damaged files are found by maybe_resume's manifest check."""
         checkpoint = ckpt.resolve_checkpoint(self.run_dir, self.cfg.checkpoint.resume)
+        self.resume_from = checkpoint
         if checkpoint is None:
             return
-        ckpt.verify(checkpoint)
+        try:
+            state = json.loads((checkpoint / "trainer_state.json").read_text())  # JSON: safe before the manifest check
+        except (OSError, ValueError):
+            return  # the manifest check says what is wrong with it
+        if not isinstance(state, dict):
+            return
+        if state.get("world_size", self.world) != self.world:
+            raise ckpt.CheckpointError(
+                f"{checkpoint}: saved with {state['world_size']} ranks, this job has {self.world}; "
+                "ZeRO partitions cannot be reused across world sizes here"
+            )
+        if not isinstance(state.get("config"), dict):
+            return
+        fixed, allowed = ckpt.config_changes(state["config"], self.cfg.to_dict())
+        if fixed and self._same_data(state):  # a data build moved (or named otherwise) is the same data
+            moved = [c for c in fixed if c.startswith(_DATA_LOCATION)]
+            fixed, allowed = [c for c in fixed if c not in moved], allowed + moved
+        if fixed:
+            raise ckpt.CheckpointError(
+                f"{checkpoint} was saved under another configuration: {'; '.join(fixed)}; resuming needs the "
+                "same model, method and data: set these back, or start a new run (another run_dir, or "
+                "checkpoint.overwrite=true)"
+            )
+        if allowed and self.rank == 0:
+            log.warning("resuming %s with changed settings: %s", checkpoint.name, "; ".join(allowed))
+
+    def _same_data(self, state: dict[str, Any]) -> bool:
+        """Whether this job's data build is the checkpoint's: the same directory, or the same manifest."""
+        new, old = self.planned_data_dir(), state.get("data_dir")
+        if old is not None and new.resolve() == Path(old).resolve():
+            return True
+        if not (new / "manifest.json").is_file():
+            return False
+        saved = state.get("data_manifest_sha256")
+        if saved is None and old is not None and (Path(old) / "manifest.json").is_file():
+            saved = sha256_file(Path(old) / "manifest.json")
+        return saved is not None and sha256_file(new / "manifest.json") == saved
+
+    def maybe_resume(self) -> None:
+        checkpoint = self.resume_from
+        if checkpoint is None:
+            return
+        ckpt.verify_for_resume(self.run_dir, checkpoint)
         ckpt.check_pickles_are_data(checkpoint)
         state = json.loads((checkpoint / "trainer_state.json").read_text())
         if state["world_size"] != self.world:
@@ -252,16 +413,24 @@ class Trainer:
         ckpt.set_rng_state(json.loads((checkpoint / "rng" / f"rank_{self.rank:05d}.json").read_text()))
         self.step = state["step"]
         self.skipped_steps = state.get("skipped_steps", 0)
+        self.last_checkpoint = checkpoint
         if self.rank == 0:
             log.info("resumed from step %d (%s)", self.step, checkpoint)
 
     def save_checkpoint(self) -> None:
+        """Every rank writes its part into the staging directory, rank 0 publishes it. A write that
+        fails (a full disk, lost permissions) ends the job with the previous checkpoint still latest:
+        the ranks agree after each stage, so none waits for one that gave up."""
         stage = ckpt.staging_dir(self.ckpt_root, self.step)
-        if self.rank == 0:
-            stage.mkdir(parents=True, exist_ok=True)
-        dist.barrier()
-        self.engine.save_checkpoint(str(stage), tag=ckpt.ENGINE_TAG, save_latest=False, exclude_frozen_parameters=True)
-        faults.at_save_point(self.rank, self.step, "engine")
+        self._agree_saved(self._attempt(lambda: stage.mkdir(parents=True, exist_ok=True)) if self.rank == 0 else None)
+        try:
+            self.engine.save_checkpoint(
+                str(stage), tag=ckpt.ENGINE_TAG, save_latest=False, exclude_frozen_parameters=True
+            )
+            self._save_point("engine")
+        except OSError as err:
+            # Inside DeepSpeed's save the peers may wait in its own barrier: this rank ends the job.
+            raise self._save_error(err) from None
         counts = gather_ints(noise_state_dict(self.model)["forward_count"] if self.is_hycam else 0)
         state = None
         if self.rank == 0:
@@ -273,20 +442,62 @@ class Trainer:
                 "noise_forward_counts": counts,
                 "skipped_steps": self.skipped_steps,
                 "config": self.cfg.to_dict(),
-                "data_dir": str(self.data_dir),
+                "data_dir": str(self.data_dir.absolute()),
+                "data_manifest_sha256": sha256_file(self.data_dir / "manifest.json"),
             }
-        ckpt.write_rank_files(stage, self.rank, state)
-        faults.at_save_point(self.rank, self.step, "rank_files")
-        dist.barrier()
+
+        def rank_files():
+            ckpt.write_rank_files(stage, self.rank, state)
+            self._save_point("rank_files")
+
+        self._agree_saved(self._attempt(rank_files))
+        published: list[Path] = []
+        error = None
         if self.rank == 0:
-            final = ckpt.publish(
-                self.ckpt_root,
-                self.step,
-                self.cfg.checkpoint.keep_last,
-                on_point=lambda point: faults.at_save_point(self.rank, self.step, point),
+            error = self._attempt(
+                lambda: published.append(
+                    ckpt.publish(self.ckpt_root, self.step, self.cfg.checkpoint.keep_last, on_point=self._save_point)
+                )
             )
-            log.info("checkpoint %s", final)
-        dist.barrier()
+        self._agree_saved(error)
+        self.last_checkpoint = self.ckpt_root / ckpt.checkpoint_name(self.step)
+        if self.rank == 0:
+            log.info("checkpoint %s", published[0])
+
+    def _save_point(self, point: str) -> None:
+        """Fault injection between the stages of a save (HYCAM_FAULT): kill_save, and disk_full,
+        an OSError(ENOSPC) as a full file system raises it."""
+        faults.at_save_point(self.rank, self.step, point)
+        if faults.active("disk_full", self.rank, self.step, point):
+            stage = ckpt.staging_dir(self.ckpt_root, self.step)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(stage))
+
+    @staticmethod
+    def _attempt(action) -> OSError | None:
+        try:
+            action()
+        except OSError as err:
+            return err
+        return None
+
+    def _agree_saved(self, error: OSError | None) -> None:
+        """Collective: if any rank failed its part of the save, every rank stops here."""
+        if all_reduce_max(int(error is not None)):
+            if error is None:
+                raise ReportedElsewhere(f"checkpoint of step {self.step} failed on another rank")
+            raise self._save_error(error)
+
+    def _save_error(self, error: OSError) -> ckpt.CheckpointError:
+        if self.rank == 0:
+            shutil.rmtree(ckpt.staging_dir(self.ckpt_root, self.step), ignore_errors=True)
+        pointer = self.ckpt_root / ckpt.POINTER
+        latest = pointer.read_text().strip() if pointer.is_file() else None
+        cause = f"{error.filename}: {error.strerror}" if error.filename and error.strerror else str(error)
+        still = f"the latest checkpoint is still {self.ckpt_root / latest}" if latest else "there is no checkpoint yet"
+        return ckpt.CheckpointError(
+            f"checkpoint of step {self.step} not written ({cause}); {still}: free space (or fix the permissions), "
+            "then resume with checkpoint.resume=auto"
+        )
 
     # ------------------------------------------------------------------ one step
     def forward_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -384,6 +595,7 @@ class Trainer:
         try:
             while self.step < stop_at:
                 faults.at_step_start(self.rank, self.step + 1)
+                self._ctrl_c_fault()
                 started = time.perf_counter()
                 record = self.step % cfg.logging.log_every == 0 or self.step + 1 == stop_at
                 if self.is_hycam:
@@ -414,7 +626,7 @@ class Trainer:
                 ):
                     self.evaluate()
                 if guard.should_stop():
-                    outcome = "preempted" if guard.requeue_requested else "stopped"  # SIGTERM: cancelled, not requeued
+                    outcome = self._stop_outcome(guard)
                     break
                 if cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0 and self.step < stop_at:
                     self.save_checkpoint()
@@ -423,12 +635,36 @@ class Trainer:
             self.save_checkpoint()
             if outcome in ("preempted", "stopped") and guard.preempted:
                 guard.requeue()
+            elif outcome == "completed" and guard.should_stop() and guard.interrupted:
+                outcome = "interrupted"  # Ctrl-C during the last save: the export and evaluation are skipped
             elif outcome == "completed" and self.step < cfg.optim.max_steps:
                 outcome = "stopped"
+        except BaseException:
+            guard.close()
+            raise
         finally:
             bar.close()
-            guard.close()
+        if outcome == "completed":
+            guard.close()  # the export and evaluation follow: a Ctrl-C there is a KeyboardInterrupt (launch/train.py)
+        else:
+            # The job is ending: a SIGTERM (the deepspeed launcher sends one after a Ctrl-C) or a second
+            # Ctrl-C while it closes down is the guard's to handle, not a kill halfway through.
+            self._guard = guard
         return outcome
+
+    def _ctrl_c_fault(self) -> None:
+        """HYCAM_FAULT=sigint:rank=R:step=N: a Ctrl-C typed in a terminal at the start of step N (SIGINT
+        to the whole foreground process group: the launcher and every rank); sigint_twice: two of them."""
+        for kind, count in (("sigint", 1), ("sigint_twice", 2)):
+            if faults.active(kind, self.rank, self.step + 1):
+                for _ in range(count):
+                    os.killpg(os.getpgrp(), signal.SIGINT)  # the handler runs before the next one is sent
+
+    @staticmethod
+    def _stop_outcome(guard) -> str:
+        if guard.interrupted:
+            return "interrupted"  # Ctrl-C (SIGINT) on some rank: exit status 4
+        return "preempted" if guard.requeue_requested else "stopped"  # SIGTERM: cancelled, not requeued
 
     def log_step(self, result: StepResult, elapsed: float) -> None:
         scalars = {
@@ -532,6 +768,12 @@ class Trainer:
         rss, gpu = gather_ints(peak), gather_ints(cuda)
         if self.rank == 0:
             self.layout.update_partition(peak_rss_bytes_per_rank=rss, peak_cuda_bytes_per_rank=gpu)
+
+    def release_run_dir(self) -> None:
+        """Give the run directory back (rank 0's lock; removed, so nothing of it is left)."""
+        if self.claim is not None:
+            self.claim.release()
+            self.claim = None
 
     def close(self, success: bool) -> None:
         self.telemetry.close()

@@ -12,7 +12,7 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from ..engine.ds_config import zero_stage
 from ..engine.methods import load_pretrained_model
-from ..engine.run_dir import RunDir
+from ..engine.run_dir import RunDir, RunDirError
 from ..modeling.adapter_io import MANIFEST_FILE, load_adapter
 from ..modeling.backbones import build_backbone
 
@@ -32,9 +32,17 @@ class ModelSpec:
 
     @classmethod
     def from_run_dir(cls, run_dir: Path, vocab_size: int) -> "ModelSpec":
+        """The run's backbone and export; RunDirError when the run has exported nothing (yet)."""
         layout = RunDir(run_dir)
         info = layout.read_info()
-        model, adapter, full = info.model, str(layout.adapter), info.method == "full"
+        adapter, full = info.adapter or str(layout.adapter), info.method == "full"
+        if not Path(adapter).is_dir() or not any(Path(adapter).iterdir()):
+            raise RunDirError(
+                f"{adapter}: no adapter: the run {run_dir} has not finished, or ran with "
+                "checkpoint.export_adapter=false; finish it (launch/train.py with its config and "
+                f"run_dir={run_dir} checkpoint.resume=auto checkpoint.export_adapter=true) and try again"
+            )
+        model = info.model
         return cls(
             backbone_path=model["path"],
             backbone_name=None if model["path"] else model["name"],

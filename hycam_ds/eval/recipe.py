@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 from ..engine.distributed import rank_and_world
 from ..engine.ds_config import zero_stage
 from ..engine.lm_loss import perplexity, task_losses
-from ..engine.run_dir import RunDir
+from ..engine.run_dir import RunDir, RunDirError
 from ..modeling.injection import disable_hycam
 from .generation import gather_generations, generate_texts, generation_examples, generation_scores
 from .loading import ModelSpec, load_model
@@ -27,12 +27,30 @@ MAX_SAMPLES = 50
 
 
 def run_model_spec(run_dir: Path) -> tuple[ModelSpec, Path, Any]:
-    """(ModelSpec, data directory, tokenizer) of a launch/train.py run directory."""
+    """(ModelSpec, data directory, tokenizer) of a launch/train.py run directory, wherever it is now:
+    the paths run_info.json records inside the run are resolved against it. The data directory is
+    returned as recorded, present or not (evaluate() says what to do when it is gone)."""
     from data_pipeline import load_tokenizer
 
     info = RunDir(run_dir).read_info()
-    tokenizer = load_tokenizer(info.tokenizer)
+    source = info.tokenizer_source()
+    if source.startswith(("/", ".")) and not Path(source).exists():
+        raise RunDirError(
+            f"{run_dir}: its tokenizer {source} is gone (it lived in the data build, which was moved or "
+            "deleted, and this run directory predates its own copy in RUN/tokenizer); rebuild the data "
+            "there, or evaluate with --backbone-name/--backbone, --adapter and --data"
+        )
+    tokenizer = load_tokenizer(source)
     return ModelSpec.from_run_dir(Path(run_dir), len(tokenizer)), Path(info.data_dir), tokenizer
+
+
+def check_data_dir(data_dir: Path) -> None:
+    """RunDirError naming the way out when the data build to evaluate on is gone."""
+    if not (Path(data_dir) / "manifest.json").is_file():
+        raise RunDirError(
+            f"{data_dir}: the data build is gone (no manifest.json: moved or deleted); pass --data DIR "
+            "with a build of the same recipe and tokenizer, or rebuild it (python -m data_pipeline build)"
+        )
 
 
 def backbone_view(model, kind: str):
@@ -60,6 +78,7 @@ def evaluate(
     from data_pipeline import ShardReader, tokenizer_fingerprint
 
     rank, world = rank_and_world()
+    check_data_dir(data_dir)
     model, keepalive = load_model(spec, ds_config=ds_config)
     device = next(model.parameters()).device
     synced = world > 1 and ds_config is not None and zero_stage(ds_config) == 3
