@@ -25,8 +25,7 @@ import torch
 
 from hycam_ds.engine.cli import Parser, UsageError, run_main
 from hycam_ds.engine.distributed import init_process_group
-from hycam_ds.eval.loading import ModelSpec
-from hycam_ds.eval.recipe import evaluate, run_model_spec, write
+from hycam_ds.eval.recipe import evaluate, model_spec, write
 from hycam_ds.eval.settings import EvalSettings
 
 DEFAULTS = EvalSettings()
@@ -94,26 +93,21 @@ def check_args(args: argparse.Namespace) -> None:
 
 def resolve(args: argparse.Namespace):
     """(ModelSpec, data dir, tokenizer) from --run-dir or the explicit flags; clear errors otherwise."""
-    from data_pipeline import load_tokenizer
-
-    if args.run_dir:
-        spec, data_dir, tokenizer = run_model_spec(Path(args.run_dir))
-        return spec, Path(args.data) if args.data else data_dir, tokenizer
-    if not args.data:
+    if not args.run_dir and not args.data:
         raise UsageError("--data (or --run-dir) is required")
-    if not (args.backbone or args.backbone_name or args.full_model):
+    if not (args.run_dir or args.backbone or args.backbone_name or args.full_model):
         raise UsageError("give --backbone, --backbone-name, --full-model or --run-dir")
-    data_dir = Path(args.data)
-    tokenizer = load_tokenizer(args.full_model or args.backbone or str(data_dir / "tokenizer"))
-    spec = ModelSpec(
-        backbone_path=args.backbone,
+    spec, data_dir, tokenizer = model_spec(
+        args.run_dir,
+        backbone=args.backbone,
         backbone_name=args.backbone_name,
         backbone_seed=args.backbone_seed,
-        vocab_size=len(tokenizer),
         adapter=args.adapter,
         full_model=args.full_model,
+        # a backbone built in code tokenises as the data build did
+        tokenizer=None if (args.full_model or args.backbone) else str(Path(args.data) / "tokenizer"),
     )
-    return spec, data_dir, tokenizer
+    return spec, Path(args.data) if args.data else data_dir, tokenizer
 
 
 def settings_from(args: argparse.Namespace) -> EvalSettings:

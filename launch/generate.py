@@ -23,8 +23,8 @@ import torch
 from data_pipeline import TEMPLATES, PromptFormat, load_manifest, manifest_template, prompt_format
 from hycam_ds.engine.cli import Parser, UsageError, run_main
 from hycam_ds.engine.run_dir import RunDir
-from hycam_ds.eval.loading import ModelSpec, load_model
-from hycam_ds.eval.recipe import run_model_spec
+from hycam_ds.eval.loading import load_model
+from hycam_ds.eval.recipe import model_spec
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -95,19 +95,18 @@ def prompting(args, tokenizer) -> Prompting:
 
 
 def load(args):
-    from data_pipeline import load_tokenizer
-
-    if args.run_dir:
-        spec, _, tokenizer = run_model_spec(Path(args.run_dir))
-    else:
-        tokenizer = load_tokenizer(args.tokenizer or args.backbone)
-        spec = ModelSpec(
-            backbone_path=args.backbone,
-            backbone_name=args.backbone_name,
-            backbone_seed=args.backbone_seed,
-            vocab_size=len(tokenizer),
-            adapter=args.adapter,
-        )
+    if not (args.run_dir or args.backbone or args.backbone_name):
+        raise UsageError("give --run-dir, --backbone or --backbone-name (with --tokenizer)")
+    if args.backbone_name and not (args.run_dir or args.backbone or args.tokenizer):
+        raise UsageError(f"--backbone-name {args.backbone_name} is built in code: give its --tokenizer")
+    spec, _, tokenizer = model_spec(
+        args.run_dir,
+        backbone=args.backbone,
+        backbone_name=args.backbone_name,
+        backbone_seed=args.backbone_seed,
+        adapter=args.adapter,
+        tokenizer=args.tokenizer,
+    )
     model, _ = load_model(spec)
     return model, tokenizer
 

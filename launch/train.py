@@ -87,10 +87,8 @@ def train(argv: list[str]) -> int:
     )
     try:
         from hycam_ds.engine.ds_config import load_ds_config
-        from hycam_ds.engine.run_dir import check_run_dir_setting
 
         cfg = load_train_config(args.config, args.overrides)
-        check_run_dir_setting(cfg.run_dir)
         ds_raw = load_ds_config(args.ds_config)
     except ConfigError as err:
         print(f"{PROG}: invalid configuration: {err}", file=sys.stderr)

@@ -7,6 +7,10 @@ Set HYCAM_FAULT to `kind:key=value:...` (several separated by `,`), e.g.
     HYCAM_FAULT=kill_save:rank=0:step=4:point=published   SIGKILL inside the save of step 4
     HYCAM_FAULT=nan_loss:step=3             the loss of step 3 becomes NaN (every rank)
     HYCAM_FAULT=nan_grad:rank=0:step=3      a gradient of step 3 becomes inf on one rank
+    HYCAM_FAULT=sigint:rank=0:step=3        a Ctrl-C typed in the terminal at the start of step 3: SIGINT
+                                            to the whole foreground process group (launcher and ranks)
+    HYCAM_FAULT=sigint_twice:rank=0:step=3  two Ctrl-Cs in a row (the second aborts)
+    HYCAM_FAULT=disk_full:step=4:point=engine   the save of step 4 fails with ENOSPC at that point
 `rank` omitted = every rank. Unset (always, outside tests) = no effect and no cost.
 Save points: engine (DeepSpeed files written), rank_files (RNG/trainer state written),
 manifest (manifest written, not yet renamed), published (renamed, pointer not yet moved).
@@ -14,6 +18,7 @@ manifest (manifest written, not yet renamed), published (renamed, pointer not ye
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import time
@@ -67,8 +72,17 @@ def at_step_start(rank: int, step: int) -> None:
     if active("hang", rank, step):
         while True:
             time.sleep(3600)
+    for kind, count in (("sigint", 1), ("sigint_twice", 2)):
+        if active(kind, rank, step):
+            for _ in range(count):
+                os.killpg(os.getpgrp(), signal.SIGINT)  # the handler runs before the next one is sent
 
 
-def at_save_point(rank: int, step: int, point: str) -> None:
-    if _FAULTS and active("kill_save", rank, step, point):
+def at_save_point(rank: int, step: int, point: str, writing_to: str) -> None:
+    """Called by each rank between the stages of a save; `writing_to` is the directory being written."""
+    if not _FAULTS:
+        return
+    if active("kill_save", rank, step, point):
         os.kill(os.getpid(), signal.SIGKILL)
+    if active("disk_full", rank, step, point):  # as a full file system raises it
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), writing_to)

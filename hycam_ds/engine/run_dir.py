@@ -332,24 +332,10 @@ class Claim:
         self.lock.release()
 
 
-def check_run_dir_setting(value: str) -> None:
-    """An empty run_dir would write into the current directory (the repository, usually)."""
-    from .train_config import ConfigError
-
-    if not str(value).strip():
-        raise ConfigError("run_dir: empty; give the run's own directory (e.g. run_dir=runs/my_run)")
-
-
 def claim_run_dir(layout: RunDir, resume: str, overwrite: bool) -> Claim:
     """Rank 0, before anything is written: take RUN/run.lock and decide whether this training may
-    use RUN. Raises RunDirError (or ConfigError for contradictory settings) and leaves RUN as it was."""
-    from .train_config import ConfigError
-
+    use RUN. Raises RunDirError and leaves RUN as it was (validate() refuses overwrite with resume)."""
     path = layout.path
-    if overwrite and resume != "none":
-        raise ConfigError(
-            f"checkpoint.overwrite=true starts the run over, checkpoint.resume={resume} continues it: choose one"
-        )
     if path.exists() and not path.is_dir():
         raise RunDirError(f"run_dir {path}: is a file, not a directory; choose a directory for the run")
     try:

@@ -184,6 +184,13 @@ def _positive(value: float, where: str, allow_zero: bool = False) -> None:
 
 def validate(cfg: TrainConfig) -> None:
     """Checks that need no model or data: ranges, files, choices."""
+    if not str(cfg.run_dir).strip():  # it would write into the current directory, the repository usually
+        raise ConfigError("run_dir: empty; give the run's own directory (e.g. run_dir=runs/my_run)")
+    if cfg.checkpoint.overwrite and cfg.checkpoint.resume != "none":
+        raise ConfigError(
+            f"checkpoint.overwrite=true starts the run over, checkpoint.resume={cfg.checkpoint.resume} "
+            "continues it: choose one"
+        )
     if cfg.model.path is None and cfg.model.name not in SMALL_BACKBONES:
         raise ConfigError(
             f"model.name: {cfg.model.name!r} is not a built-in backbone ({sorted(SMALL_BACKBONES)}); "

@@ -8,7 +8,6 @@ micro-batches and ranks, weighted by token count) + balance_weight * the router'
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
@@ -16,7 +15,6 @@ import math
 import os
 import random
 import shutil
-import signal
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -46,7 +44,7 @@ from .distributed import all_reduce_max, all_reduce_sum, gather_ints, init_proce
 from .ds_config import resolve_ds_config, zero_stage
 from .lm_loss import add_task_sums, packed_token_losses, perplexity, task_losses
 from .methods import BackboneLoader, adapt, count_parameters
-from .run_dir import Claim, RunDir, RunInfo, check_run_dir_setting, claim_run_dir
+from .run_dir import Claim, RunDir, RunInfo, claim_run_dir
 from .telemetry import CollapseDetector, Telemetry, routing_scalars
 from .train_config import TrainConfig, effective_hycam_config
 
@@ -123,7 +121,6 @@ class Trainer:
         """Checks first, writes last: nothing in the run directory changes until the run directory,
         the checkpoint to resume from and the configuration have all been accepted."""
         self.rank, self.world = init_process_group()
-        check_run_dir_setting(self.cfg.run_dir)
         seed_everything(self.cfg.optim.seed + self.rank)
         self.bf16 = self._resolve_bf16()
         self.ds_config = resolve_ds_config(self.ds_raw, self.cfg, self.world, self.bf16)
@@ -465,12 +462,8 @@ class Trainer:
             log.info("checkpoint %s", published[0])
 
     def _save_point(self, point: str) -> None:
-        """Fault injection between the stages of a save (HYCAM_FAULT): kill_save, and disk_full,
-        an OSError(ENOSPC) as a full file system raises it."""
-        faults.at_save_point(self.rank, self.step, point)
-        if faults.active("disk_full", self.rank, self.step, point):
-            stage = ckpt.staging_dir(self.ckpt_root, self.step)
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(stage))
+        """Fault injection between the stages of a save (HYCAM_FAULT: kill_save, disk_full)."""
+        faults.at_save_point(self.rank, self.step, point, str(ckpt.staging_dir(self.ckpt_root, self.step)))
 
     @staticmethod
     def _attempt(action) -> OSError | None:
@@ -595,7 +588,6 @@ class Trainer:
         try:
             while self.step < stop_at:
                 faults.at_step_start(self.rank, self.step + 1)
-                self._ctrl_c_fault()
                 started = time.perf_counter()
                 record = self.step % cfg.logging.log_every == 0 or self.step + 1 == stop_at
                 if self.is_hycam:
@@ -651,14 +643,6 @@ class Trainer:
             # Ctrl-C while it closes down is the guard's to handle, not a kill halfway through.
             self._guard = guard
         return outcome
-
-    def _ctrl_c_fault(self) -> None:
-        """HYCAM_FAULT=sigint:rank=R:step=N: a Ctrl-C typed in a terminal at the start of step N (SIGINT
-        to the whole foreground process group: the launcher and every rank); sigint_twice: two of them."""
-        for kind, count in (("sigint", 1), ("sigint_twice", 2)):
-            if faults.active(kind, self.rank, self.step + 1):
-                for _ in range(count):
-                    os.killpg(os.getpgrp(), signal.SIGINT)  # the handler runs before the next one is sent
 
     @staticmethod
     def _stop_outcome(guard) -> str:

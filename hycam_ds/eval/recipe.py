@@ -44,6 +44,39 @@ def run_model_spec(run_dir: Path) -> tuple[ModelSpec, Path, Any]:
     return ModelSpec.from_run_dir(Path(run_dir), len(tokenizer)), Path(info.data_dir), tokenizer
 
 
+def model_spec(
+    run_dir: Optional[str] = None,
+    *,
+    backbone: Optional[str] = None,
+    backbone_name: Optional[str] = None,
+    backbone_seed: int = 0,
+    adapter: Optional[str] = None,
+    full_model: Optional[str] = None,
+    tokenizer: Optional[str] = None,
+) -> tuple[ModelSpec, Optional[Path], Any]:
+    """(ModelSpec, data directory or None, tokenizer) as the evaluation and generation commands name a
+    model: a run directory, or a backbone (directory / .gguf / hub id, or one built in code) with an
+    adapter, or a fully fine-tuned model. `tokenizer` is loaded when given, else the full model's or
+    the backbone's own."""
+    from data_pipeline import load_tokenizer
+
+    if run_dir:
+        return run_model_spec(Path(run_dir))
+    source = tokenizer or full_model or backbone
+    if source is None:
+        raise ValueError(f"backbone {backbone_name!r} is built in code and has no tokenizer: name one")
+    loaded = load_tokenizer(source)
+    spec = ModelSpec(
+        backbone_path=backbone,
+        backbone_name=backbone_name,
+        backbone_seed=backbone_seed,
+        vocab_size=len(loaded),
+        adapter=adapter,
+        full_model=full_model,
+    )
+    return spec, None, loaded
+
+
 def check_data_dir(data_dir: Path) -> None:
     """RunDirError naming the way out when the data build to evaluate on is gone."""
     if not (Path(data_dir) / "manifest.json").is_file():

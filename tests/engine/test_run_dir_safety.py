@@ -22,10 +22,9 @@ from hycam_ds.engine.run_dir import (
     RunDirBusy,
     RunDirError,
     RunInfo,
-    check_run_dir_setting,
     claim_run_dir,
 )
-from hycam_ds.engine.train_config import ConfigError, TrainConfig
+from hycam_ds.engine.train_config import ConfigError, TrainConfig, load_train_config
 
 
 def _digest(root: Path) -> dict[str, str]:
@@ -149,11 +148,11 @@ def test_unusable_run_dirs_and_settings(tmp_path):
         claim_run_dir(RunDir(a_file / "run"), "none", False)
     assert a_file.read_text() == "mine\n"
     with pytest.raises(ConfigError, match="choose one"):
-        claim_run_dir(RunDir(tmp_path / "new"), "auto", True)
+        load_train_config(None, [f"run_dir={tmp_path / 'new'}", "checkpoint.resume=auto", "checkpoint.overwrite=true"])
     assert not (tmp_path / "new").exists()
-    for empty in ("", "  "):
+    for empty in ("", "'  '"):
         with pytest.raises(ConfigError, match="run_dir: empty"):
-            check_run_dir_setting(empty)
+            load_train_config(None, [f"run_dir={empty}"])
 
 
 def _read_only(path: Path):
