@@ -21,14 +21,13 @@ from collections import deque
 from pathlib import Path
 from typing import Iterator
 
-from tqdm import tqdm
-
 from .config import SPLITS, BuildConfig, Recipe, load_recipe
 from .encode import ChunkEncoder, DocPolicy, assemble, template_tail_tokens
 from .examples import BadRow, BuildError, Example, RowReport
 from .output_guard import check_output_dir, check_replaceable
 from .packing import best_fit_decreasing
 from .pretrained import PretrainedRefError, check_tokenizer_files, parse_pretrained
+from .progress import progress as show_progress
 from .shards import FORMAT, MANIFEST, VERSION, ShardWriter, manifest_digest, sha256_file, token_dtype
 from .sources import read_source, source_files
 from .template import TEMPLATES, PromptFormat, format_prompt, prompt_format
@@ -122,7 +121,7 @@ def iter_examples(recipe: Recipe, report: RowReport, progress: bool = False) -> 
     root, names = Path(recipe.data_root), recipe.task_names
     seen: dict[bytes, tuple[str, int]] = {}  # content digest -> where it was first seen
     examples = dict.fromkeys(names, 0)
-    with tqdm(desc="read", unit="ex", disable=not progress, mininterval=1.0) as bar:
+    with show_progress(desc="read", unit="ex", disable=not progress, mininterval=1.0) as bar:
         for task in recipe.tasks:
             for spec in task.sources:
                 for source, line, row in _read(spec, task.name, root, names):

@@ -244,7 +244,7 @@ class BuildConfig:
     template: Optional[str] = None
     """Prompt format (alpaca | chat); None keeps the recipe's."""
     progress: bool = True
-    """Show progress bars (tqdm, on stderr)."""
+    """Show progress on stderr (a bar on a terminal, timestamped lines otherwise)."""
     chunk_size: int = 2048
     """Examples per tokenisation chunk; fixed chunking keeps the output independent of workers."""
 

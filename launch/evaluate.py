@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    from tqdm import tqdm
+    from data_pipeline.progress import progress
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -138,8 +138,8 @@ def _main(argv: list[str]) -> int:
         rank, world = init_process_group()
     spec, data_dir, tokenizer = resolve(args)
     ds_config = json.loads(Path(args.ds_config).read_text()) if args.ds_config else None
-    progress = partial(tqdm, disable=rank != 0 or args.no_progress)
-    result = evaluate(spec, data_dir, tokenizer, settings_from(args), ds_config, Path(args.out), progress)
+    shown = partial(progress, disable=rank != 0 or args.no_progress)
+    result = evaluate(spec, data_dir, tokenizer, settings_from(args), ds_config, Path(args.out), shown)
     if rank == 0:
         print(write(result, Path(args.out)))
     if world > 1:

@@ -38,7 +38,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from any directory
@@ -51,6 +50,7 @@ from data_pipeline import (  # noqa: E402
     train_sentencepiece,
 )
 from data_pipeline.examples import RowReport  # noqa: E402
+from data_pipeline.progress import progress as show_progress  # noqa: E402
 from hycam_ds.engine.cli import Parser, UsageError, run_main  # noqa: E402
 from hycam_ds.modeling.fileio import atomic_directory, check_replaceable, write_bytes_atomic  # noqa: E402
 
@@ -325,7 +325,7 @@ def fit(cfg: PretrainConfig, model, train: torch.Tensor, held_blocks: torch.Tens
     state, gen = FitState(), torch.Generator().manual_seed(cfg.seed + _init_tokens(cfg))
     ckpt = partial / "state.pt"
     if cfg.resume and ckpt.is_file():
-        saved = torch.load(ckpt, weights_only=False)
+        saved = torch.load(ckpt, weights_only=True)  # tensors, numbers and lists only: nothing to execute
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         state, _ = FitState(**saved["state"]), gen.set_state(saved["generator"])
@@ -334,7 +334,7 @@ def fit(cfg: PretrainConfig, model, train: torch.Tensor, held_blocks: torch.Tens
         state.evals.append((0, evaluate(model, held_blocks, cfg.batch)))
         print(f"held-out perplexity at init: {state.evals[0][1]:.1f}", flush=True)
     budget_s = cfg.minutes * 60 if cfg.minutes is not None else math.inf
-    bar = tqdm(total=cfg.steps, initial=state.step, desc="pretrain", unit="step", mininterval=2.0)
+    bar = show_progress(total=cfg.steps, initial=state.step, desc="pretrain", unit="step", mininterval=2.0)
     start, last_ckpt = time.time() - state.seconds, time.time()
     model.train()
     while True:

@@ -6,21 +6,20 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${HYCAM_VENV:-$root/.venv}"
 stamp="$venv/.installed"
-want="$(sha256sum "$root/setup.cfg" "$root/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+constraints="$root/constraints.txt"
+want="$(sha256sum "$root/setup.cfg" "$root/pyproject.toml" "$constraints" | sha256sum | cut -d' ' -f1)"
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$venv/bin/pip" install -q --upgrade pip
-  # Never let pip resolve an unpinned torch on a machine without a GPU: that pulls a
-  # multi-GB CUDA build. The CPU build 2.13.0 is pinned first; with a GPU, the default build.
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    "$venv/bin/pip" install -q "torch>=2.4"
-  else
-    "$venv/bin/pip" install -q "torch==2.13.0"
-  fi
+  # Every install is constrained to the versions CI runs (constraints.txt), torch first: an
+  # unconstrained torch on a machine without a GPU pulls a multi-GB CUDA build. The same torch
+  # version on GPU machines (their default wheel); HYCAM_TORCH_INDEX names another wheel index,
+  # e.g. https://download.pytorch.org/whl/cpu for the CPU build where the default index has CUDA's.
+  "$venv/bin/pip" install -q -c "$constraints" ${HYCAM_TORCH_INDEX:+--index-url "$HYCAM_TORCH_INDEX"} torch
   # compat mode puts the repository on sys.path: packages added later import without reinstalling
-  "$venv/bin/pip" install -q -e "$root[dev]" --config-settings editable_mode=compat
+  "$venv/bin/pip" install -q -c "$constraints" -e "$root[dev]" --config-settings editable_mode=compat
   if ! command -v nvidia-smi >/dev/null 2>&1; then
     # DeepSpeed's CPU accelerator JIT-compiles its shared-memory all-reduce op at the first
     # multi-process run (a minute or more on 2 cores): build it once here, not inside a timed job.

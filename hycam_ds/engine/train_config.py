@@ -122,7 +122,7 @@ class LoggingConfig:
     tensorboard: bool = True
     """Write TensorBoard event files under run_dir/tensorboard (rank 0)."""
     progress: bool = True
-    """tqdm progress bar on rank 0."""
+    """Progress on rank 0: a tqdm bar on a terminal, a log line per 5% of the run otherwise (batch jobs)."""
     collapse_threshold: float = 0.9
     """Routing collapse: one expert is the top choice of more than this fraction of tokens ..."""
     collapse_patience: int = 20

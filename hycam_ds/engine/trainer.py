@@ -567,7 +567,7 @@ class Trainer:
     # ------------------------------------------------------------------ fit
     def fit(self) -> str:
         """Train to optim.max_steps (or stop_at_step / a preemption). Returns how it ended."""
-        from tqdm import tqdm
+        from data_pipeline.progress import progress
 
         from .preemption import PreemptionGuard
 
@@ -575,13 +575,12 @@ class Trainer:
         guard = PreemptionGuard()
         batches: Iterator = iter(self.reader)
         stop_at = cfg.optim.stop_at_step or cfg.optim.max_steps
-        bar = tqdm(
+        bar = progress(
             total=cfg.optim.max_steps,
             initial=self.step,
             desc=f"train {cfg.method}",
             unit="step",
             disable=self.rank != 0 or not cfg.logging.progress,
-            dynamic_ncols=True,
         )
         outcome = "completed"
         bad_streak = 0
@@ -676,9 +675,8 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict[str, float]:
         """Per-task held-out loss and perplexity on the eval split (all ranks take part)."""
-        from tqdm import tqdm
-
         from data_pipeline import ShardReader
+        from data_pipeline.progress import progress
 
         reader = ShardReader(
             self.data_dir,
@@ -693,7 +691,7 @@ class Trainer:
         batches = list(reader)
         if self.cfg.logging.eval_batches is not None:
             batches = batches[: self.cfg.logging.eval_batches]
-        progress = partial(tqdm, disable=self.rank != 0 or not self.cfg.logging.progress)
+        shown = partial(progress, disable=self.rank != 0 or not self.cfg.logging.progress)
         self.engine.eval()
         sums, routing = task_losses(
             self.engine,
@@ -703,7 +701,7 @@ class Trainer:
             self.cfg.optim.micro_batch_size,
             reader.seq_len,
             self.engine.device,
-            progress,
+            shown,
         )
         self.engine.train()
         metrics: dict[str, float] = {}

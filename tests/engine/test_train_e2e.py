@@ -3,6 +3,7 @@ telemetry, checkpoints, exported adapter, exact resume, and ZeRO-3 partitioning.
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -67,9 +68,13 @@ def test_two_rank_zero3_run_and_exact_resume(tmp_path, embedded_data):
     resumed = tmp_path / "resumed"
     run_train(quick_args(resumed, embedded_data, **common, **{"optim.stop_at_step": 3}), nprocs=2)
     assert [s for s, _ in train_losses(resumed)] == [1, 2, 3]
-    result = run_train(quick_args(resumed, embedded_data, **common, **{"checkpoint.resume": "auto"}), nprocs=2)
+    resume = {"checkpoint.resume": "auto", "logging.progress": "true"}
+    result = run_train(quick_args(resumed, embedded_data, **common, **resume), nprocs=2)
     assert "resumed from step 3" in result.stderr + result.stdout
     assert train_losses(resumed) == losses
+    # Output to a file or pipe (a batch job's log): progress as lines, never a carriage-return bar.
+    assert "\r" not in result.stderr + result.stdout
+    assert re.search(r"train hycam: 6/6 \(100%\) \[.*step.*\]", result.stderr + result.stdout)
 
 
 @pytest.mark.distributed
