@@ -160,3 +160,44 @@ def test_detokenize_undoes_gutenberg_word_splitting():
     from pretrain import detokenize
 
     assert detokenize("`` Emma 's father , he said , did n't come . ''") == "\"Emma's father, he said, didn't come.\""
+
+
+def test_resume_restores_the_training_state_through_a_weights_only_load(tmp_path, monkeypatch):
+    """The <out>.partial/state.pt written by save_checkpoint comes back whole (model, optimizer, loop state,
+    block generator) under torch.load(weights_only=True): a planted pickle there cannot run code."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("pretrain_script", SCRIPT)
+    pretrain = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, pretrain)  # its dataclasses look their module up
+    spec.loader.exec_module(pretrain)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(
+        LlamaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    )
+    cfg = pretrain.PretrainConfig(out=str(tmp_path / "out"), steps=3, resume=True, eval_every=1000, batch=2)
+    opt = pretrain.make_optimizer(cfg, model)
+    model(input_ids=torch.randint(0, 50, (2, 8)), labels=torch.randint(0, 50, (2, 8))).loss.backward()
+    opt.step()
+    state = pretrain.FitState(step=3, tokens=48, seconds=1.5, losses=[(1, 4.0), (2, 3.5), (3, 3.0)], evals=[(0, 50.0)])
+    gen = torch.Generator().manual_seed(7)
+    partial = tmp_path / "out.partial"
+    partial.mkdir()
+    pretrain.save_checkpoint(partial / "state.pt", model, opt, state, gen)
+
+    fresh = LlamaForCausalLM(model.config)
+    blocks = torch.randint(0, 50, (4, 9))
+    resumed = pretrain.fit(cfg, fresh, blocks, blocks[:2], partial)  # steps=3 reached: no training step runs
+    assert resumed.step == 3 and resumed.tokens == 48 and [tuple(x) for x in resumed.losses[:3]] == state.losses
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+
+    class Exploit:
+        def __reduce__(self):
+            return (print, ("exploit ran",))
+
+    torch.save({"model": Exploit()}, partial / "state.pt")
+    with pytest.raises(Exception, match="weights_only|Unsupported global"):
+        pretrain.fit(cfg, LlamaForCausalLM(model.config), blocks, blocks[:2], partial)
