@@ -4,7 +4,10 @@ torch's C++-extension builder compiles it once per machine kind into ~/.cache/to
 (or $TORCH_EXTENSIONS_DIR) and later processes load the cached library; scripts/env.sh builds it
 when it creates the environment, so no timed job pays the ~20 s compile. The library's name
 carries the instruction set it was compiled for, so nodes of different CPU kinds sharing one
-home directory never load each other's build.
+home directory never load each other's build, and a digest of the source file's path and content
+and of the flags: torch rebuilds a library whenever its build recipe (which names the source path)
+changes, so two checkouts sharing one cache under one name would rebuild it at every switch, and
+a process that loads while the other builds waits on the build lock.
 
 The kernel is an optimisation, never a requirement: without a compiler, on accelerators, in
 bf16/fp16, or with HYCAM_FUSED_CPU=0, the modulation runs on torch ops (same results to
@@ -13,6 +16,7 @@ rounding, tested). A failed build is reported once, as a warning naming the caus
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -39,6 +43,11 @@ def _isa_flags() -> tuple[str, list[str]]:
     return "generic", []
 
 
+def _library_name(suffix: str, cflags: list[str]) -> str:
+    recipe = hashlib.sha256(str(_SOURCE.resolve()).encode() + _SOURCE.read_bytes() + " ".join(cflags).encode())
+    return f"hycam_modulate_cpu_{suffix}_{recipe.hexdigest()[:12]}"
+
+
 def enabled() -> bool:
     return os.environ.get("HYCAM_FUSED_CPU", "1") != "0"
 
@@ -51,16 +60,17 @@ def load(verbose: bool = False) -> ModuleType | None:
     with _lock:
         if _module is None and not _failed:
             suffix, isa = _isa_flags()
+            # The two math flags let the SiLU loops vectorise (no errno, no FP traps); no
+            # -ffast-math, so NaN and inf propagate as in torch. Reductions are vectorised
+            # per loop by `omp simd reduction`.
+            cflags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", *isa]
             try:
                 from torch.utils.cpp_extension import load as build_and_load
 
                 _module = build_and_load(
-                    name=f"hycam_modulate_cpu_{suffix}",
+                    name=_library_name(suffix, cflags),
                     sources=[str(_SOURCE)],
-                    # The two math flags let the SiLU loops vectorise (no errno, no FP traps); no
-                    # -ffast-math, so NaN and inf propagate as in torch. Reductions are vectorised
-                    # per loop by `omp simd reduction`.
-                    extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", *isa],
+                    extra_cflags=cflags,
                     extra_ldflags=["-fopenmp"],
                     verbose=verbose,
                 )

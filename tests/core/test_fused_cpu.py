@@ -144,3 +144,17 @@ def test_a_failed_build_warns_once_and_falls_back_to_torch_ops(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "FELL_BACK" in proc.stdout
     assert proc.stderr.count("fused CPU kernel is unavailable") == 1, proc.stderr[-3000:]
+
+
+def test_the_library_name_follows_its_build_recipe(monkeypatch, tmp_path):
+    """Two checkouts (or an edited source) never share one build directory: torch would rebuild it at
+    every switch and make the other wait on its lock."""
+    from hycam_ds.kernels import fused_cpu
+
+    name = fused_cpu._library_name("avx2", ["-O3"])
+    assert name.startswith("hycam_modulate_cpu_avx2_") and name == fused_cpu._library_name("avx2", ["-O3"])
+    assert fused_cpu._library_name("avx2", ["-O2"]) != name
+    copy = tmp_path / "modulate_cpu.cpp"
+    copy.write_bytes(fused_cpu._SOURCE.read_bytes())
+    monkeypatch.setattr(fused_cpu, "_SOURCE", copy)
+    assert fused_cpu._library_name("avx2", ["-O3"]) != name
