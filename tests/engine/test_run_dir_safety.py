@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -360,14 +359,19 @@ def test_under_two_ranks_rank_0_decides_and_every_rank_hears_it(tmp_path, embedd
     run = tmp_path / "run"
     claim = claim_run_dir(RunDir(run), "none", False)  # this process plays the running training
     try:
-        started = time.perf_counter()
+        # A rank 1 left waiting for a decision would hang past the test's own timeout (the collective
+        # timeout is set longer): ending at all, with exit 2, is the proof it heard. No wall-time bound:
+        # starting two ranks under load takes minutes here.
         refused = run_train(
-            quick_args(run, embedded_data, steps=2, **{"model.name": "tiny-llama"}), nprocs=2, check=False, timeout=300
+            quick_args(run, embedded_data, steps=2, **{"model.name": "tiny-llama"}),
+            nprocs=2,
+            check=False,
+            timeout=600,
+            env={"HYCAM_DIST_TIMEOUT_S": "1200"},
         )
-        elapsed = time.perf_counter() - started
     finally:
         claim.release()
     assert refused.returncode == 2, refused.stderr[-3000:]
     ours = [line for line in refused.stderr.splitlines() if line.startswith("train.py:")]
     assert len(ours) == 1 and f"in use by another training (pid {os.getpid()} on " in ours[0], ours
-    assert "Traceback" not in refused.stderr and elapsed < 120
+    assert "Traceback" not in refused.stderr and "timed out" not in refused.stderr.lower()
