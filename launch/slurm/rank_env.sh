@@ -31,8 +31,8 @@ if [[ -z "${MASTER_ADDR:-}" ]]; then
     # Rank 0 runs on the first host of the allocation (block distribution, SLURM's default).
     nodelist="${SLURM_STEP_NODELIST:-${SLURM_JOB_NODELIST:-}}"
     [[ -n "$nodelist" ]] || die "SLURM_JOB_NODELIST is not set and MASTER_ADDR is empty"
-    # No "| head -n1": under pipefail, head closing the pipe early kills scontrol with SIGPIPE
-    # (exit 141) whenever the list is longer than one pipe write, which is racy on any size.
+    # No "| head -n1": head exits after the first line, scontrol still writing then dies of SIGPIPE,
+    # and pipefail makes that the script's exit status (141).
     hosts="$(scontrol show hostnames "$nodelist")" || die "scontrol could not expand the node list '$nodelist'"
     first="${hosts%%$'\n'*}"
     [[ -n "$first" ]] || die "could not expand the node list '$nodelist'"

@@ -21,6 +21,7 @@ INVALID = [
     (["optim.warmup_steps=500"], "optim.warmup_steps"),
     (["optim.stop_at_step=999"], "optim.stop_at_step"),
     (["optim.betas=[0.9]"], "optim.betas"),
+    (["optim.betas=[0.9, x]"], "optim.betas[1]: expected a number"),
     (["optim.precision=fp16"], "optim.precision"),
     (["optim.min_lr_ratio=2"], "optim.min_lr_ratio"),
     (["method=adapterx"], "method"),
@@ -46,6 +47,7 @@ INVALID = [
     (["checkpoint.resume=/nonexistent/ckpt"], "checkpoint.resume"),
     (["checkpoint.save_every=-1"], "checkpoint.save_every"),
     (["lora.r=0"], "lora.r"),
+    (["lora.target_modules=q_proj"], "lora.target_modules: expected a list"),
     (["optim=3"], "optim: expected a mapping"),
     (["optim.lr"], "is not key=value"),
 ]
