@@ -46,6 +46,8 @@ def world(embedded_data, tmp_path_factory):
     (root / "twice.yaml").write_text("optim:\n  lr: 1.0e-3\noptim:\n  max_steps: 5\n")
     (root / "general_elsewhere").mkdir()
     (root / "general_elsewhere" / "notes.txt").write_text("my notes\n")
+    (root / "texts").mkdir()
+    (root / "texts" / "story.txt").write_text("Once upon a time there was a tokenizer.\n")
     return {
         "root": root,
         "run": run,
@@ -178,7 +180,10 @@ CASES = [
     ),
     (
         "pretrain --out onto someone's files",
-        lambda w: run_entry(["launch/pretrain.py", "--out", w["root"] / "general_elsewhere", "--minutes", "0.01"]),
+        lambda w: run_entry(
+            ["launch/pretrain.py", "--out", w["root"] / "general_elsewhere", "--text-dir", w["root"] / "texts"]
+            + ["--minutes", "0.01"]
+        ),
         ("refusing", "general_elsewhere"),
     ),
 ]

@@ -25,7 +25,8 @@ pytestmark = [pytest.mark.faults, pytest.mark.timeout(60)]
 
 REPO = Path(__file__).resolve().parents[2]
 ITEM = "user mistakes: data builds"
-PROGRESS = re.compile(r"^read: +\d+ex ")  # the build's progress bar (tqdm, on stderr), not a message
+# The build's progress on stderr, not a message: a tqdm bar on a terminal, timestamped lines otherwise.
+PROGRESS = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d )?read: +\d+")
 
 
 def _rows(path: Path, generator: str, count: int) -> None:
