@@ -127,6 +127,9 @@ class LoggingConfig:
     """Routing collapse: one expert is the top choice of more than this fraction of tokens ..."""
     collapse_patience: int = 20
     """... for this many consecutive logged steps."""
+    weights_checksum: bool = False
+    """Debugging: log train/weights_checksum, the sum of every trainable value over all ranks, each
+    step (a skipped step leaves it unchanged). Costs a pass over the trainable parameters per step."""
 
 
 @dataclass

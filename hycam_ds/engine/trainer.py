@@ -101,6 +101,8 @@ class StepResult:
     task_loss: dict[str, float] = field(default_factory=dict)
     finite: bool = True
     batch_fingerprint: int = 0
+    weights_checksum: float | None = None
+    """The sum of every trainable value after the step, over all ranks (logging.weights_checksum)."""
 
 
 class Trainer:
@@ -498,12 +500,21 @@ class Trainer:
         return packed_token_losses(self.engine, batch, self.engine.device)
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepResult:
-        world, accum = self.world, len(micro_batches)
-        local_tokens = sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro_batches)
-        local_inputs = sum(int((mb["segment_ids"] > 0).sum()) for mb in micro_batches)
-        global_tokens, global_inputs = all_reduce_sum(torch.tensor([float(local_tokens), float(local_inputs)])).tolist()
-        task_sums = torch.zeros(len(self.tasks), 2, dtype=torch.float64)
-        lm_sum, balance_sum = 0.0, 0.0
+        """One optimizer step. Two collectives: the step's token counts before the first backward
+        (the gradient is normalised by them), then every scalar the step reports, in one tensor.
+        The host waits for the device once, at the end, to read them."""
+        world, accum, device = self.world, len(micro_batches), self.engine.device
+        local_counts = [
+            sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro_batches),
+            sum(int((mb["segment_ids"] > 0).sum()) for mb in micro_batches),
+        ]
+        counts = all_reduce_sum(torch.tensor(local_counts, dtype=torch.float64, device=device))
+        # DeepSpeed divides by accum (backward) and averages over ranks: scaling by
+        # world * accum / global_tokens makes the gradient sum(token losses) / global_tokens.
+        scale = (world * accum / counts[0].clamp_min(1.0)).float()
+        task_sums = torch.zeros(len(self.tasks), 2, dtype=torch.float64, device=device)
+        lm_sum = torch.zeros((), dtype=torch.float64, device=device)
+        balance_sum = torch.zeros((), dtype=torch.float64, device=device)
         weight = self.hycam_config.balance_weight if self.routes else 0.0
         fingerprint = sum(
             int(hashlib.sha256(mb["input_ids"].numpy().tobytes()).hexdigest()[:8], 16) for mb in micro_batches
@@ -517,52 +528,48 @@ class Trainer:
             token_sum = losses.sum()
             if faults.active("nan_loss", self.rank, self.step + 1):
                 token_sum = token_sum * float("nan")
-            # DeepSpeed divides by accum (backward) and averages over ranks: scaling by
-            # world * accum / global_tokens makes the gradient sum(token losses) / global_tokens.
-            loss = token_sum * (world * accum / max(global_tokens, 1.0))
+            loss = token_sum * scale
             if weight > 0:
                 bal = balance_loss(self.model, segment_ids=mb["segment_ids"].to(losses.device))
                 loss = loss + weight * bal
-                balance_sum += float(bal.detach())
+                balance_sum += bal.detach()
             self.engine.backward(loss)
             self.engine.step()  # ZeRO skips the update when the global gradient norm is not finite
-            lm_sum += float(token_sum.detach())
+            lm_sum += token_sum.detach()
             add_task_sums(task_sums, losses, mask, mb["task_ids"])
         if hook is not None:
             hook.remove()
-        totals = all_reduce_sum(
-            torch.cat(
-                [
-                    torch.tensor([lm_sum, balance_sum / accum, float(fingerprint % 2**24)], dtype=torch.float64),
-                    task_sums.flatten().float(),
-                ]
-            )
-        )
-        task_totals = totals[3:].view(len(self.tasks), 2)
-        task_loss = {
-            t: float(task_totals[i, 0] / task_totals[i, 1]) for i, t in enumerate(self.tasks) if task_totals[i, 1] > 0
-        }
-        lm = float(totals[0]) / max(global_tokens, 1.0)
-        grad_norm = self.engine.get_global_grad_norm()
-        finite = math.isfinite(lm) and (grad_norm is None or math.isfinite(float(grad_norm)))
+        scalars = [lm_sum, balance_sum / accum, torch.tensor(fingerprint % 2**24, dtype=torch.float64, device=device)]
+        if self.cfg.logging.weights_checksum:
+            scalars.append(self._weights_checksum())
+        totals = all_reduce_sum(torch.cat([torch.stack(scalars), task_sums.flatten()]))
+        global_tokens, global_inputs, *totals = torch.cat([counts, totals]).tolist()
+        task_totals = totals[len(scalars) :]
+        task_loss = {t: total / n for t, total, n in zip(self.tasks, task_totals[0::2], task_totals[1::2]) if n > 0}
+        lm = totals[0] / max(global_tokens, 1.0)
         return StepResult(
             lm_loss=lm,
-            balance_loss=float(totals[1]) / world,
+            balance_loss=totals[1] / world,
             tokens=int(global_tokens),
             input_tokens=int(global_inputs),
             task_loss=task_loss,
-            finite=finite,
+            # What the engine did: DeepSpeed's ZeRO skips an update whose gradient norm is not finite
+            # (the same verdict on every rank) and says so; a non-finite loss counts as bad too.
+            finite=self.engine.was_step_applied() and math.isfinite(lm),
             batch_fingerprint=int(totals[2]),
+            weights_checksum=totals[3] if self.cfg.logging.weights_checksum else None,
         )
 
-    def _weights_checksum(self) -> float:
-        """Sum of every trainable value (over the ZeRO partitions of all ranks): a skipped step leaves it unchanged."""
-        local = sum(
-            float(getattr(p, "ds_tensor", p).detach().double().sum())
+    def _weights_checksum(self) -> torch.Tensor:
+        """This rank's sum of the trainable values it holds (its ZeRO partitions), on the device,
+        without a wait per parameter: summed over ranks, a skipped step leaves it unchanged."""
+        device = self.engine.device
+        sums = [
+            getattr(p, "ds_tensor", p).detach().double().sum().to(device)
             for p in self.engine.module.parameters()
             if p.requires_grad
-        )
-        return float(all_reduce_sum(torch.tensor([local], dtype=torch.float64))[0])
+        ]
+        return torch.stack(sums).sum() if sums else torch.zeros((), dtype=torch.float64, device=device)
 
     # ------------------------------------------------------------------ fit
     def fit(self) -> str:
@@ -664,7 +671,8 @@ class Trainer:
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             scalars[tags.GRAD_NORM] = float(grad_norm)
-        scalars[tags.WEIGHTS_CHECKSUM] = self._weights_checksum()
+        if result.weights_checksum is not None:
+            scalars[tags.WEIGHTS_CHECKSUM] = result.weights_checksum
         scalars.update({tags.task_train_loss(t): v for t, v in result.task_loss.items()})
         if self.routes:
             stats = routing_stats(self.model)

@@ -61,6 +61,16 @@ def test_modulation_benchmark_prints_both_implementations():
         assert row in out, f"missing {row!r} in:\n{out}"
 
 
+def test_loss_memory_benchmark_prints_every_variant_and_the_ratios():
+    out = _run(
+        "bench_loss_memory.py",
+        *("--batch", "1", "--seq", "64", "--vocab", "2048", "--hidden", "64", "--heads", "4", "--intermediate", "128"),
+    )
+    for row in ("| backbone alone", "| before: ", "| after: "):
+        assert row in out, f"missing {row!r} in:\n{out}"
+    assert "the loss's extra peak memory, after / before:" in out and "time of the step, after / before:" in out
+
+
 @pytest.mark.slow
 def test_train_methods_benchmark_prints_throughput_and_zero3_memory():
     out = _run("bench_train_methods.py", "--steps", "1", "--seq-len", "64", "--batch", "1", timeout=900)

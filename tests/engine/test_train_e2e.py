@@ -48,6 +48,7 @@ def test_two_rank_zero3_run_and_exact_resume(tmp_path, embedded_data):
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert REQUIRED_TAGS <= tags, f"missing TensorBoard tags: {sorted(REQUIRED_TAGS - tags)}"
+    assert "train/weights_checksum" not in tags, "a debugging aid, off unless logging.weights_checksum=true"
     assert "eval/routing_heatmap" in events.Tags()["images"]
     assert list((straight / "plots").glob("routing_heatmap_step_*.png"))
     # Config and DeepSpeed JSON saved; checkpoints complete, pointer last, keep_last respected.

@@ -151,7 +151,7 @@ def test_kill_during_checkpoint_save_never_resumes_from_a_partial_checkpoint(
     [("nan_loss:step=3", "fp32"), ("nan_grad:rank=0:step=3", "fp32"), ("nan_grad:rank=1:step=3", "bf16")],
 )
 def test_non_finite_step_is_skipped_on_every_rank(tmp_path, embedded_data, fault, precision, fault_table):
-    extra = {"optim.precision": precision}
+    extra = {"optim.precision": precision, "logging.weights_checksum": "true"}
     steps = STEPS if precision == "fp32" else 4
     result = run_train(
         quick_args(
@@ -196,7 +196,12 @@ def test_consecutive_bad_steps_stop_after_saving_the_last_good_weights(tmp_path,
             tmp_path / "run",
             embedded_data,
             steps=STEPS,
-            **{"checkpoint.save_every": 0, "logging.eval_every": 0, "optim.max_bad_steps": 2},
+            **{
+                "checkpoint.save_every": 0,
+                "logging.eval_every": 0,
+                "optim.max_bad_steps": 2,
+                "logging.weights_checksum": "true",
+            },
         ),
         nprocs=2,
         check=False,
