@@ -130,13 +130,15 @@ def gather_parts(part: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]] |
 
 # ------------------------------------------------------------------ resuming
 def screen(path: Path, data: bytes | memoryview) -> Any:
-    """Unpickle a .pt file's bytes admitting plain tensor data only (DeepSpeed's checkpoints hold two
-    plain-data classes besides); anything else is refused unexecuted."""
+    """Unpickle a .pt file's bytes admitting plain tensor data only, and the three plain-data classes
+    DeepSpeed's checkpoints hold besides (an enum, the loss scale, ZeRO-1/2's (numel, start) pairs);
+    anything else is refused unexecuted."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
     try:
-        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler]):
+        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, fragment_address]):
             return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure means: not plain data, do not hand it on
         reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
