@@ -6,13 +6,13 @@ RNG states are `rng/rank_<r>.json`; every other file (trainer_state.json, DeepSp
 scripts, ZeRO-2's model-states file) is shared, written by rank 0 and small.
 
 Saving: while DeepSpeed saves, its checkpoint engine is wrapped (`HashingWrites`): each file is
-serialised in memory, then written and fsynced while a thread hashes the same bytes, so nothing is
-read back. Each rank's part of the manifest ({path: {bytes, sha256}}) is gathered on rank 0, which
+hashed as torch.save hands its bytes to the disk and fsynced by the rank that wrote it, so nothing
+is read back. Each rank's part of the manifest ({path: {bytes, sha256}}) is gathered on rank 0, which
 merges the parts (`checkpointing.publish`).
 
 Resuming: each rank reads the files it loads once each (`verify_share`): the bytes are checked
 against the manifest and a .pt file is unpickled with weights_only=True, which admits tensors and
-two plain DeepSpeed classes only, so a pickle naming anything else is refused unexecuted. DeepSpeed
+three plain-data DeepSpeed classes only, so a pickle naming anything else is refused unexecuted. DeepSpeed
 is then handed these screened objects instead of reading the files itself (`ScreenedLoads`): it
 never unpickles a file with weights_only=False, and nothing can change between the check and the
 load. Rank 0 also lists the directory and refuses a file the manifest does not name
@@ -36,6 +36,7 @@ from ..modeling.fileio import sha256_file
 from .checkpointing import ENGINE_TAG, TRAINER_STATE, CheckpointError, inside
 from .distributed import gather_to_rank0
 
+_OVERLAP_BYTES = 1 << 20
 _RANK_FILES = (re.compile(r"zero_pp_rank_(\d+)_"), re.compile(r"^rng/rank_(\d+)\.json$"))
 
 
@@ -76,8 +77,9 @@ def share(files: Iterable[str], rank: int, world_changed: bool = False) -> list[
 # ------------------------------------------------------------------ saving
 class HashingWrites:
     """Stands in for DeepSpeed's checkpoint engine while it saves into `stage` (a context manager):
-    every file is serialised to memory by DeepSpeed's own engine, then written, fsynced and hashed
-    in one pass over the bytes. `files` is this rank's part of the manifest."""
+    DeepSpeed's own engine serialises each file into a `_HashingFile`, which hashes the bytes as they
+    pass on their way to the disk; the writing rank then fsyncs the file. `files` is this rank's part
+    of the manifest."""
 
     def __init__(self, engine, stage: Path):
         self.engine, self.stage = engine, Path(stage).resolve()
@@ -97,21 +99,41 @@ class HashingWrites:
             self.inner.save(state_dict, path)
             self.files[rel] = {"bytes": Path(path).stat().st_size, "sha256": sha256_file(Path(path))}
             return
-        buffer = io.BytesIO()
-        self.inner.save(state_dict, buffer)  # torch.save, as DeepSpeed calls it, into memory
-        data = buffer.getbuffer()
-        with ThreadPoolExecutor(1) as pool:
-            digest = pool.submit(lambda: hashlib.sha256(data).hexdigest())  # hashlib releases the GIL
-            with open(path, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())  # the rank that wrote a file makes it durable (on a shared file system too)
-        self.files[rel] = {"bytes": len(data), "sha256": digest.result()}
+        with open(path, "wb") as f, ThreadPoolExecutor(1) as pool:
+            hashing = _HashingFile(f, pool)
+            self.inner.save(state_dict, hashing)  # torch.save into a file object: tensors arrive as memoryviews
+            f.flush()
+            os.fsync(f.fileno())  # the rank that wrote a file makes it durable (on a shared file system too)
+        self.files[rel] = {"bytes": hashing.size, "sha256": hashing.digest.hexdigest()}
 
     def __getattr__(self, name):
         if name == "inner":  # not entered yet
             raise AttributeError(name)
         return getattr(self.inner, name)
+
+
+class _HashingFile:
+    """A file object for torch.save: each buffer is written by `pool`'s thread while this one hashes
+    it (both release the GIL), so hashing costs no pass of its own over the bytes."""
+
+    def __init__(self, file, pool: ThreadPoolExecutor):
+        self.file, self.pool = file, pool
+        self.digest, self.size = hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        nbytes = memoryview(data).nbytes
+        if nbytes < _OVERLAP_BYTES:  # the pickle's small pieces: a thread would cost more than it saves
+            self.file.write(data)
+            self.digest.update(data)
+        else:
+            written = self.pool.submit(self.file.write, data)
+            self.digest.update(data)
+            written.result()
+        self.size += nbytes
+        return nbytes
+
+    def flush(self) -> None:
+        self.file.flush()
 
 
 def save_engine(engine, stage: Path) -> dict[str, dict[str, Any]]:

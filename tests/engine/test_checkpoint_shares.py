@@ -45,6 +45,23 @@ def test_each_rank_owns_its_partition_files_and_rank_0_the_shared_ones():
     assert shares.share(ZERO3, 1, world_changed=True) == ["rng/rank_00001.json", "trainer_state.json"]
 
 
+def test_a_file_is_hashed_as_deepspeed_writes_it(tmp_path):
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    class Engine:
+        checkpoint_engine = TorchCheckpointEngine()
+
+    engine, state = Engine(), {"big": torch.randn(600_000), "small": torch.arange(3), "step": 7}
+    (tmp_path / "engine").mkdir()
+    with shares.HashingWrites(engine, tmp_path) as written:
+        engine.checkpoint_engine.save(state_dict=state, path=str(tmp_path / "engine" / "a.pt"))
+    data = (tmp_path / "engine" / "a.pt").read_bytes()
+    assert written.files == {"engine/a.pt": _entry(data)}
+    loaded = torch.load(tmp_path / "engine" / "a.pt", weights_only=True)
+    assert torch.equal(loaded["big"], state["big"]) and loaded["step"] == 7
+    assert isinstance(engine.checkpoint_engine, TorchCheckpointEngine), "DeepSpeed's own engine is back"
+
+
 def _entry(data: bytes) -> dict:
     return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
