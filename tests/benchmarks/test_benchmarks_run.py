@@ -66,3 +66,10 @@ def test_train_methods_benchmark_prints_throughput_and_zero3_memory():
     out = _run("bench_train_methods.py", "--steps", "1", "--seq-len", "64", "--batch", "1", timeout=900)
     for row in ("| frozen backbone", "| hycam", "| lora", "| full", "| 1 |", "| 2 |"):
         assert row in out, f"missing {row!r} in:\n{out}"
+
+
+def test_checkpoint_scale_benchmark_prints_both_sides_at_each_world_size():
+    out = _run("bench_checkpoint_scale.py", "--short", timeout=900)
+    assert "| ranks | MB per rank | DeepSpeed save s | ours s | ratio | DeepSpeed resume s | ours s | ratio |" in out
+    for ranks in (1, 2):
+        assert any(line.startswith(f"| {ranks} |") and line.endswith("x |") for line in out.splitlines()), out
