@@ -18,7 +18,9 @@ per rank is fixed, so the total grows with the ranks.
                        rank 0 lists the directory, DeepSpeed loads the screened objects
 
 Times are the job's (the slowest rank, between barriers), medians over --repeats, the two sides
-alternating. Files stay in the page cache between writing and reading, for both sides alike.
+alternating. Files stay in the page cache between writing and reading, for both sides alike. The
+last column is sha256 alone over one rank's files (read from the page cache): the least any
+sha256 manifest adds, against which to read the ratios.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from hycam_ds.engine import checkpoint_shares as shares  # noqa: E402
 from hycam_ds.engine import checkpointing as ckpt  # noqa: E402
 from hycam_ds.engine.ds_config import load_ds_config, resolve_ds_config  # noqa: E402
 from hycam_ds.engine.train_config import TrainConfig  # noqa: E402
+from hycam_ds.modeling.fileio import sha256_file  # noqa: E402
 
 BYTES_PER_PARAMETER = 12  # fp32 master weight + Adam's two moments
 
@@ -87,6 +90,11 @@ def ours_save(engine, root: Path, step: int, rank: int) -> None:
         ckpt.publish(root, step, keep_last=10**6, files=merged)
 
 
+def hash_files(paths: list[Path]) -> None:
+    for path in paths:
+        sha256_file(path)
+
+
 def ds_resume(engine, directory: Path) -> None:
     engine.load_checkpoint(str(directory), tag="engine", load_module_strict=False)
 
@@ -114,7 +122,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str)
     ds_config = resolve_ds_config(load_ds_config(REPO / "ds_configs/zero3.json"), cfg, world, bf16=False)
     layers = max(1, round(args.mb_per_rank * 1e6 * world / (BYTES_PER_PARAMETER * args.hidden**2)))
     root = Path(out) / f"world{world}"
-    times: dict[str, list[float]] = {"ds_save": [], "our_save": [], "ds_resume": [], "our_resume": []}
+    times: dict[str, list[float]] = {"ds_save": [], "our_save": [], "ds_resume": [], "our_resume": [], "sha256": []}
     engine = build_engine(layers, args.hidden, ds_config)
     sizes = []
     for r in range(args.repeats):
@@ -134,7 +142,9 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str)
             fresh = build_engine(layers, args.hidden, ds_config)  # ZeRO-3 loads into an engine that has not saved
             times[name].append(timed(partial(action, fresh)))
             fresh.destroy()
-        sizes = [p.stat().st_size for p in (ds_dir / "engine").glob(f"*rank_{rank}_*")]
+        mine = sorted((ds_dir / "engine").glob(f"*rank_{rank}_*"))
+        sizes = [p.stat().st_size for p in mine]
+        times["sha256"].append(timed(partial(hash_files, mine)))  # sha256 alone: the floor under a sha256 manifest
         torch.distributed.barrier()
         if rank == 0:
             shutil.rmtree(root, ignore_errors=True)
@@ -171,14 +181,17 @@ def main() -> None:
     print(f"checkpoint save and resume, ZeRO-3, {os.cpu_count()} CPU cores, medians of {args.repeats}")
     print("the size per rank is fixed: a job's time should not grow with its ranks (while each has a core)")
     print()
-    print("| ranks | MB per rank | DeepSpeed save s | ours s | ratio | DeepSpeed resume s | ours s | ratio |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| ranks | MB per rank | DeepSpeed save s | ours s | ratio | DeepSpeed resume s | ours s | ratio "
+        "| sha256 of a rank's files s |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         t = {name: statistics.median(values) for name, values in row["times"].items()}
         print(
             f"| {row['world']} | {row['bytes_per_rank'] / 1e6:.0f} | {t['ds_save']:.2f} | {t['our_save']:.2f} | "
             f"{t['our_save'] / t['ds_save']:.2f}x | {t['ds_resume']:.2f} | {t['our_resume']:.2f} | "
-            f"{t['our_resume'] / t['ds_resume']:.2f}x |"
+            f"{t['our_resume'] / t['ds_resume']:.2f}x | {t['sha256']:.2f} |"
         )
 
 
