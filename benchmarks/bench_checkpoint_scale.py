@@ -16,11 +16,14 @@ per rank is fixed, so the total grows with the ranks.
     DeepSpeed resume   engine.load_checkpoint on a fresh engine
     ours, resume       the trainer's resume: each rank reads, hashes and screens its share once,
                        rank 0 lists the directory, DeepSpeed loads the screened objects
+    before             the scheme ours replaced: rank 0 hashed every rank's files at save; at
+                       resume every rank hashed the whole checkpoint and screened every .pt file,
+                       then DeepSpeed read its own files again
 
-Times are the job's (the slowest rank, between barriers), medians over --repeats, the two sides
-alternating. Files stay in the page cache between writing and reading, for both sides alike. The
-last column is sha256 alone over one rank's files (read from the page cache): the least any
-sha256 manifest adds, against which to read the ratios.
+Times are the job's (the slowest rank, between barriers), medians over --repeats, the three sides
+rotating which goes first. Files stay in the page cache between writing and reading, for every
+side alike. The last column is sha256 alone over one rank's files (read from the page cache): the
+least that any sha256 manifest adds, against which to read the ratios.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from hycam_ds.engine.train_config import TrainConfig  # noqa: E402
 from hycam_ds.modeling.fileio import sha256_file  # noqa: E402
 
 BYTES_PER_PARAMETER = 12  # fp32 master weight + Adam's two moments
+SIDES = ["ds", "ours", "before"]
 
 
 def build_engine(layers: int, hidden: int, ds_config: dict):
@@ -90,13 +94,35 @@ def ours_save(engine, root: Path, step: int, rank: int) -> None:
         ckpt.publish(root, step, keep_last=10**6, files=merged)
 
 
+def before_save(engine, root: Path, step: int, rank: int) -> None:
+    """The scheme this replaced: DeepSpeed's plain save, then rank 0 hashes every rank's files."""
+    stage = ckpt.staging_dir(root, step)
+    if rank == 0:
+        stage.mkdir(parents=True)
+    torch.distributed.barrier()
+    engine.save_checkpoint(str(stage), tag=ckpt.ENGINE_TAG, save_latest=False, exclude_frozen_parameters=True)
+    ckpt.write_rank_files(stage, rank, {"step": step} if rank == 0 else None)
+    torch.distributed.barrier()
+    if rank == 0:
+        ckpt.publish(root, step, keep_last=10**6)  # no parts: hashes every file
+
+
+def before_resume(engine, checkpoint: Path) -> None:
+    """The scheme this replaced: every rank hashes the whole checkpoint and screens every rank's .pt
+    files, then DeepSpeed reads and unpickles its own files again."""
+    ckpt.verify(checkpoint)
+    for path in sorted(checkpoint.rglob("*.pt")):
+        shares.screen(path, path.read_bytes())
+    ds_resume(engine, checkpoint)
+
+
 def hash_files(paths: list[Path]) -> None:
     for path in paths:
         sha256_file(path)
 
 
 def ds_resume(engine, directory: Path) -> None:
-    engine.load_checkpoint(str(directory), tag="engine", load_module_strict=False)
+    engine.load_checkpoint(str(directory), tag=ckpt.ENGINE_TAG, load_module_strict=False)
 
 
 def ours_resume(engine, checkpoint: Path, rank: int) -> None:
@@ -122,27 +148,31 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str)
     ds_config = resolve_ds_config(load_ds_config(REPO / "ds_configs/zero3.json"), cfg, world, bf16=False)
     layers = max(1, round(args.mb_per_rank * 1e6 * world / (BYTES_PER_PARAMETER * args.hidden**2)))
     root = Path(out) / f"world{world}"
-    times: dict[str, list[float]] = {"ds_save": [], "our_save": [], "ds_resume": [], "our_resume": [], "sha256": []}
+    times: dict[str, list[float]] = {f"{side}_{what}": [] for side in SIDES for what in ("save", "resume")}
+    times["sha256"] = []
     engine = build_engine(layers, args.hidden, ds_config)
     sizes = []
     for r in range(args.repeats):
-        ds_dir, ours_root = root / f"ds{r}", root / "ours"
-        saves = [
-            ("ds_save", partial(engine.save_checkpoint, str(ds_dir), tag="engine", exclude_frozen_parameters=True)),
-            ("our_save", partial(ours_save, engine, ours_root, r, rank)),
-        ]
-        for name, action in saves if r % 2 == 0 else saves[::-1]:
-            times[name].append(timed(action))
-        ours_ckpt = ours_root / ckpt.checkpoint_name(r)
-        resumes = [
-            ("ds_resume", partial(ds_resume, directory=ds_dir)),
-            ("our_resume", partial(ours_resume, checkpoint=ours_ckpt, rank=rank)),
-        ]
-        for name, action in resumes if r % 2 == 0 else resumes[::-1]:
+        dirs = {side: root / f"{side}{r}" for side in SIDES}
+        saves = {
+            "ds": partial(engine.save_checkpoint, str(dirs["ds"]), tag=ckpt.ENGINE_TAG, exclude_frozen_parameters=True),
+            "ours": partial(ours_save, engine, dirs["ours"], r, rank),
+            "before": partial(before_save, engine, dirs["before"], r, rank),
+        }
+        loaded = {"ds": dirs["ds"], **{side: dirs[side] / ckpt.checkpoint_name(r) for side in ("ours", "before")}}
+        resumes = {
+            "ds": partial(ds_resume, directory=loaded["ds"]),
+            "ours": partial(ours_resume, checkpoint=loaded["ours"], rank=rank),
+            "before": partial(before_resume, checkpoint=loaded["before"]),
+        }
+        order = SIDES[r % 3 :] + SIDES[: r % 3]  # each side goes first, second and third in turn
+        for side in order:
+            times[f"{side}_save"].append(timed(saves[side]))
+        for side in order:
             fresh = build_engine(layers, args.hidden, ds_config)  # ZeRO-3 loads into an engine that has not saved
-            times[name].append(timed(partial(action, fresh)))
+            times[f"{side}_resume"].append(timed(partial(resumes[side], fresh)))
             fresh.destroy()
-        mine = sorted((ds_dir / "engine").glob(f"*rank_{rank}_*"))
+        mine = sorted((dirs["ds"] / ckpt.ENGINE_TAG).glob(f"*rank_{rank}_*"))
         sizes = [p.stat().st_size for p in mine]
         times["sha256"].append(timed(partial(hash_files, mine)))  # sha256 alone: the floor under a sha256 manifest
         torch.distributed.barrier()
@@ -178,21 +208,26 @@ def main() -> None:
         for world in map(int, args.ranks.split(",")):
             mp.start_processes(worker, args=(world, free_port(), args, out), nprocs=world, start_method="spawn")
             rows.append(json.loads((Path(out) / f"result{world}.json").read_text()))
-    print(f"checkpoint save and resume, ZeRO-3, {os.cpu_count()} CPU cores, medians of {args.repeats}")
+    print(f"checkpoint save and resume, ZeRO-3, {os.cpu_count()} CPU cores, medians of {args.repeats}, seconds")
     print("the size per rank is fixed: a job's time should not grow with its ranks (while each has a core)")
-    print()
-    print(
-        "| ranks | MB per rank | DeepSpeed save s | ours s | ratio | DeepSpeed resume s | ours s | ratio "
-        "| sha256 of a rank's files s |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|")
-    for row in rows:
-        t = {name: statistics.median(values) for name, values in row["times"].items()}
-        print(
-            f"| {row['world']} | {row['bytes_per_rank'] / 1e6:.0f} | {t['ds_save']:.2f} | {t['our_save']:.2f} | "
-            f"{t['our_save'] / t['ds_save']:.2f}x | {t['ds_resume']:.2f} | {t['our_resume']:.2f} | "
-            f"{t['our_resume'] / t['ds_resume']:.2f}x | {t['sha256']:.2f} |"
-        )
+    for what, before in (("save", "rank 0 hashes all"), ("resume", "every rank checks all")):
+        print()
+        extra = " sha256 of one rank's files |" if what == "resume" else ""
+        print(f"| ranks | MB per rank | DeepSpeed {what} | ours | ratio | before: {before} | ratio |{extra}")
+        print("|---" * (7 + bool(extra)) + "|")
+        for row in rows:
+            t = {name: statistics.median(values) for name, values in row["times"].items()}
+            ds, ours, old = t[f"ds_{what}"], t[f"ours_{what}"], t[f"before_{what}"]
+            cells = [
+                f"{row['world']}",
+                f"{row['bytes_per_rank'] / 1e6:.0f}",
+                f"{ds:.2f}",
+                f"{ours:.2f}",
+                f"{ours / ds:.2f}x",
+                f"{old:.2f}",
+                f"{old / ds:.2f}x",
+            ] + ([f"{t['sha256']:.2f}"] if extra else [])
+            print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,6 @@ from .checkpointing import ENGINE_TAG, TRAINER_STATE, CheckpointError, inside
 from .distributed import gather_to_rank0
 
 _OVERLAP_BYTES = 1 << 20
-_READ_CHUNK = 16 << 20
 _RANK_FILES = (re.compile(r"zero_pp_rank_(\d+)_"), re.compile(r"^rng/rank_(\d+)\.json$"))
 
 
@@ -170,9 +169,8 @@ def screen(path: Path, data: bytes | memoryview) -> Any:
 
 def verify_share(checkpoint: Path, manifest: dict[str, Any], rels: Iterable[str]) -> dict[str, Any]:
     """Read each file of `rels` once: its size and sha256 must match the manifest, and a .pt file
-    must pass `screen` (a thread hashes the chunks as they are read, then while the bytes are
-    unpickled; a mismatch is reported first). Returns {rel: the unpickled object of a .pt file, the
-    bytes of any other}."""
+    must pass `screen` (a thread hashes the bytes while they are unpickled; a mismatch is reported
+    first). Returns {rel: the unpickled object of a .pt file, the bytes of any other}."""
     loaded = {}
     with ThreadPoolExecutor(1) as pool:
         for rel in rels:
@@ -196,14 +194,10 @@ def verify_share(checkpoint: Path, manifest: dict[str, Any], rels: Iterable[str]
 
 
 def _read_hashing(path: Path, pool: ThreadPoolExecutor) -> tuple[bytes, Future]:
-    """A file's bytes, and the future of their sha256: `pool`'s one thread hashes each chunk as it
-    arrives, in order, so the hash is ready soon after the last chunk is read."""
-    digest, chunks = hashlib.sha256(), []
-    with open(path, "rb") as f:
-        while chunk := f.read(_READ_CHUNK):
-            chunks.append(chunk)
-            pool.submit(digest.update, chunk)
-    return b"".join(chunks), pool.submit(digest.hexdigest)
+    """A file's bytes, read whole (one allocation, no copy after), and the future of their sha256,
+    computed by `pool`'s thread while the caller unpickles them (hashlib releases the GIL)."""
+    data = path.read_bytes()
+    return data, pool.submit(lambda: hashlib.sha256(data).hexdigest())
 
 
 def screen_directory(directory: Path) -> dict[str, Any]:
