@@ -3,28 +3,32 @@
     run_dir/checkpoints/
         step_00000050/          a complete checkpoint (only complete ones carry this name)
             engine/             DeepSpeed's files (trainable parameters, optimizer, scheduler)
-            trainer_state.json  step, data reader position, Gumbel noise counter, config
+            trainer_state.json  step, world size, data reader position, Gumbel noise counters, config
             rng/rank_00000.json python, numpy and torch RNG states of each rank
             manifest.json       size and sha256 of every file above, written last
         latest                  the name of the newest complete checkpoint, replaced atomically
 
-Every rank writes into `.staging-step_XXXXXXXX`; after a barrier rank 0 hashes the files,
-writes the manifest, renames the directory into place and only then moves the `latest`
-pointer. A kill at any moment leaves either the previous checkpoint as latest or the new one
-complete. DeepSpeed's own `latest` file is never written (it is written before the shards).
-Loading verifies the manifest first: a truncated or modified file is refused before anything
-is deserialised, so a planted file is never unpickled.
+Every rank writes into `.staging-step_XXXXXXXX` and hashes the files it wrote (checkpoint_shares);
+after a barrier rank 0 merges the ranks' parts into the manifest, renames the directory into place
+and only then moves the `latest` pointer. A kill at any moment leaves either the previous checkpoint
+as latest or the new one complete. DeepSpeed's own `latest` file is never written (it is written
+before the shards). Resuming, each rank checks the files it loads against the manifest before
+anything is deserialised, and rank 0 refuses a file the manifest does not name; `verify` checks a
+whole checkpoint in one process.
 
 Resuming says what to do when it cannot: a `latest` that is missing, names a deleted checkpoint
 or one that fails its manifest check is an error naming the newest intact checkpoint and the
 override that resumes from it (`checkpoint.resume=RUN/checkpoints/step_XXXXXXXX`); a configuration
 that differs from the checkpoint's in what shapes the model or gives the state its meaning
-(`config_changes`) is refused, naming each field old -> new, before anything is loaded.
+(`config_changes`) is refused, naming each field old -> new, before anything is loaded. The number
+of ranks may change (resharding).
 """
 
 from __future__ import annotations
 
 import base64
+import errno
+import hashlib
 import json
 import random
 import re
@@ -35,12 +39,14 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..modeling.fileio import replace_directory, sha256_file, write_json_atomic, write_text_atomic
+from ..modeling.fileio import replace_directory, sha256_file, write_bytes_atomic, write_json_atomic, write_text_atomic
 
 CHECKPOINT_NAME = re.compile(r"^step_(\d{8})$")
 POINTER = "latest"
 MANIFEST = "manifest.json"
+TRAINER_STATE = "trainer_state.json"
 ENGINE_TAG = "engine"
+SCRATCH_PREFIX = ".universal-"  # a checkpoint converted for another world size, while it loads (resharding)
 
 
 class CheckpointError(RuntimeError):
@@ -81,24 +87,46 @@ def set_rng_state(state: dict[str, Any]) -> None:
         )
 
 
-def write_rank_files(stage: Path, rank: int, trainer_state: dict[str, Any] | None) -> None:
-    """What every rank adds beside DeepSpeed's files: its RNG state (and, rank 0, the trainer state)."""
-    (stage / "rng").mkdir(parents=True, exist_ok=True)
-    write_json_atomic(stage / "rng" / f"rank_{rank:05d}.json", rng_state())
+def write_rank_files(stage: Path, rank: int, trainer_state: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """What every rank adds beside DeepSpeed's files: its RNG state (and, rank 0, the trainer state).
+    Returns their manifest entries."""
+    files = {f"rng/rank_{rank:05d}.json": rng_state()}
     if trainer_state is not None:
-        write_json_atomic(stage / "trainer_state.json", trainer_state)
+        files[TRAINER_STATE] = trainer_state
+    part = {}
+    for rel, value in files.items():
+        data = json.dumps(value, indent=2, sort_keys=True).encode()
+        write_bytes_atomic(stage / rel, data)
+        part[rel] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return part
 
 
-def publish(root: Path, step: int, keep_last: int, on_point: Callable[[str], None] = lambda point: None) -> Path:
+def publish(
+    root: Path,
+    step: int,
+    keep_last: int,
+    on_point: Callable[[str], None] = lambda point: None,
+    files: dict[str, dict[str, Any]] | None = None,
+) -> Path:
     """Rank 0, after every rank finished writing the staging directory: manifest, rename, pointer, prune.
-    `on_point(name)` is called between the stages (fault-injection tests kill the process there)."""
+    `files` are the manifest entries the ranks computed for the files they wrote (their parts,
+    merged); a file no part names is hashed here. `on_point(name)` is called between the stages
+    (fault-injection tests kill the process there)."""
     stage, final = staging_dir(root, step), root / checkpoint_name(step)
-    files = sorted(p for p in stage.rglob("*") if p.is_file())
-    manifest = {
-        "step": step,
-        "files": {str(p.relative_to(stage)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files},
-    }
-    write_json_atomic(stage / MANIFEST, manifest)
+    named = dict(files or {})
+    entries = {}
+    for path in sorted(p for p in stage.rglob("*") if p.is_file()):
+        rel = str(path.relative_to(stage))
+        entry = named.pop(rel, None)
+        if entry is None:
+            entry = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        elif entry["bytes"] != path.stat().st_size:
+            raise OSError(errno.EIO, "its size is not what its rank wrote", str(path))
+        entries[rel] = entry
+    if named:  # a rank hashed a file that is gone: as if its write had failed
+        missing = stage / sorted(named)[0]
+        raise FileNotFoundError(errno.ENOENT, "written by a rank, missing from the staging directory", str(missing))
+    write_json_atomic(stage / MANIFEST, {"step": step, "files": entries})
     on_point("manifest")
     replace_directory(stage, final)  # a checkpoint of the same step from an earlier attempt is replaced whole
     on_point("published")
@@ -112,16 +140,24 @@ def _write_pointer(root: Path, name: str) -> None:
 
 
 def prune(root: Path, keep_last: int) -> None:
-    """Delete old complete checkpoints beyond keep_last, and staging leftovers of killed saves."""
+    """Delete old complete checkpoints beyond keep_last, and the leftovers of killed saves and conversions."""
     complete = sorted(p for p in root.iterdir() if p.is_dir() and CHECKPOINT_NAME.match(p.name))
     for old in complete[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
-    for leftover in root.glob(".staging-*"):
+    for leftover in [*root.glob(".staging-*"), *root.glob(f"{SCRATCH_PREFIX}*")]:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
-def verify(checkpoint: Path) -> dict[str, Any]:
-    """Check a checkpoint against its manifest; returns the manifest or raises CheckpointError."""
+def inside(checkpoint: Path, rel: str) -> Path:
+    """The file `rel` of a checkpoint; a name that leads outside the checkpoint is refused."""
+    path = (checkpoint / rel).resolve()
+    if not path.is_relative_to(checkpoint.resolve()):
+        raise CheckpointError(f"{checkpoint / MANIFEST}: file {rel!r} points outside the checkpoint")
+    return path
+
+
+def read_manifest(checkpoint: Path) -> dict[str, Any]:
+    """The manifest of a checkpoint, its entries well formed and inside the checkpoint (nothing hashed)."""
     manifest_path = checkpoint / MANIFEST
     if not manifest_path.is_file():
         raise CheckpointError(f"{checkpoint}: incomplete checkpoint (no {MANIFEST})")
@@ -129,35 +165,37 @@ def verify(checkpoint: Path) -> dict[str, Any]:
         manifest = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{manifest_path}: unreadable ({err})") from None
-    for rel, meta in manifest.get("files", {}).items():
-        path = (checkpoint / rel).resolve()
-        if not path.is_relative_to(checkpoint.resolve()):
-            raise CheckpointError(f"{manifest_path}: file {rel!r} points outside the checkpoint")
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(
+        isinstance(meta, dict) and isinstance(meta.get("bytes"), int) and isinstance(meta.get("sha256"), str)
+        for meta in files.values()
+    ):
+        raise CheckpointError(f"{manifest_path}: not a checkpoint manifest (no files with bytes and sha256)")
+    for rel in files:
+        inside(checkpoint, rel)
+    return manifest
+
+
+def check_listing(checkpoint: Path, manifest: dict[str, Any]) -> None:
+    """Refuse a file the manifest does not name (planted?): a listing, nothing is read."""
+    present = {str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*") if p.is_file()} - {MANIFEST}
+    unexpected = sorted(present - set(manifest["files"]))
+    if unexpected:
+        raise CheckpointError(f"{checkpoint / unexpected[0]}: file not in the checkpoint manifest (planted?)")
+
+
+def verify(checkpoint: Path) -> dict[str, Any]:
+    """Check a whole checkpoint against its manifest in this process; returns the manifest or raises
+    CheckpointError. (Resuming, each rank checks only its share: checkpoint_shares.verify_share.)"""
+    manifest = read_manifest(checkpoint)
+    for rel, meta in manifest["files"].items():
+        path = inside(checkpoint, rel)
         if not path.is_file():
             raise CheckpointError(f"{path}: missing from checkpoint")
         if path.stat().st_size != meta["bytes"] or sha256_file(path) != meta["sha256"]:
             raise CheckpointError(f"{path}: does not match the checkpoint manifest (damaged or modified)")
-    present = {str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*") if p.is_file()} - {MANIFEST}
-    unexpected = sorted(present - set(manifest.get("files", {})))
-    if unexpected:
-        raise CheckpointError(f"{checkpoint / unexpected[0]}: file not in the checkpoint manifest (planted?)")
+    check_listing(checkpoint, manifest)
     return manifest
-
-
-def check_pickles_are_data(checkpoint: Path) -> None:
-    """DeepSpeed loads its files with torch.load(weights_only=False), which runs any code a pickle
-    names. Before it does, every .pt file must load with weights_only=True, allowing only the two
-    plain-data DeepSpeed classes its checkpoints hold; anything else is refused unexecuted."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-
-    for path in sorted(checkpoint.rglob("*.pt")):
-        try:
-            with torch.serialization.safe_globals([ZeroStageEnum, LossScaler]):
-                torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any failure means: not plain data, do not hand it on
-            reason = str(err).strip().splitlines()[0][:200]
-            raise CheckpointError(f"{path}: refused, not plain tensor data ({reason})") from None
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -223,7 +261,12 @@ def verify_for_resume(run_dir: Path, checkpoint: Path) -> dict[str, Any]:
     try:
         return verify(checkpoint)
     except CheckpointError as err:
-        raise CheckpointError(f"{err}; {resume_hint(run_dir, checkpoint)}") from None
+        raise with_way_out(run_dir, checkpoint, err) from None
+
+
+def with_way_out(run_dir: Path, checkpoint: Path, err: CheckpointError) -> CheckpointError:
+    """`err` with the override that resumes from the newest intact checkpoint other than `checkpoint`."""
+    return CheckpointError(f"{err}; {resume_hint(run_dir, checkpoint)}")
 
 
 # ------------------------------------------------------------------ resuming under another configuration
@@ -250,6 +293,27 @@ _FIXED = {
     "optim.precision",
 }
 _SILENT = ("run_dir", "logging.", "checkpoint.")
+
+
+def run_changes(state: dict[str, Any], current: dict[str, Any], world: int, stage: int) -> tuple[list[str], list[str]]:
+    """(fixed, allowed) as config_changes returns them, for what a checkpoint's trainer state records
+    beside the config: the ZeRO stage (fixed: one stage's files are not the other's), the world
+    size and the global batch (allowed: the partitions are resharded, the data stream continues).
+    `current` is this job's config (to_dict()); a checkpoint that predates a field is not compared on it."""
+    fixed, allowed = [], []
+    old_stage = state.get("zero_stage")
+    if old_stage is not None and old_stage != stage:
+        fixed.append(f"ZeRO stage {old_stage} -> {stage} (--ds_config)")
+    old_world = state.get("world_size", world)
+    if old_world != world:
+        allowed.append(f"world size {old_world} -> {world}")
+    old_optim, new_optim = (state.get("config") or {}).get("optim") or {}, current["optim"]
+    if "micro_batch_size" in old_optim and "grad_accum" in old_optim:
+        old_batch = old_optim["micro_batch_size"] * old_optim["grad_accum"] * old_world
+        new_batch = new_optim["micro_batch_size"] * new_optim["grad_accum"] * world
+        if old_batch != new_batch:
+            allowed.append(f"global batch {old_batch} -> {new_batch} rows per step")
+    return fixed, allowed
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -22,6 +22,7 @@ import logging
 import os
 import socket
 import time
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -256,3 +257,13 @@ def gather_ints(value: int) -> list[int]:
     tensor = torch.zeros(world, dtype=torch.int64)
     tensor[rank] = value
     return all_reduce_sum(tensor).tolist()
+
+
+def gather_to_rank0(value: Any) -> list[Any] | None:
+    """Every rank's picklable `value`, indexed by rank, on rank 0; None on the other ranks."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return [value]
+    gathered = [None] * world if rank == 0 else None
+    dist.gather_object(value, gathered, dst=0)
+    return gathered

@@ -37,8 +37,9 @@ from ..modeling.injection import (
 )
 from ..modeling.losses import balance_loss
 from ..modeling.stats import routing_stats
+from . import checkpoint_shares as shares
 from . import checkpointing as ckpt
-from . import faults
+from . import faults, resharding
 from . import telemetry as tags
 from .distributed import all_reduce_max, all_reduce_sum, gather_ints, init_process_group, release_shm_buffers
 from .ds_config import resolve_ds_config, zero_stage
@@ -347,28 +348,28 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def find_checkpoint(self) -> None:
         """Which checkpoint this job resumes from, and whether this configuration can resume it: before
-        any data is built or model loaded. Damaged files are found by maybe_resume's manifest check."""
+        any data is built or model loaded. Damaged files are found by maybe_resume's manifest check.
+        Another world size is allowed: DeepSpeed then loads the checkpoint converted (resharding)."""
         checkpoint = ckpt.resolve_checkpoint(self.run_dir, self.cfg.checkpoint.resume)
         self.resume_from = checkpoint
         if checkpoint is None:
             return
         try:
-            state = json.loads((checkpoint / "trainer_state.json").read_text())  # JSON: safe before the manifest check
+            state = json.loads((checkpoint / ckpt.TRAINER_STATE).read_text())  # JSON: safe before the manifest check
         except (OSError, ValueError):
             return  # the manifest check says what is wrong with it
         if not isinstance(state, dict):
             return
-        if state.get("world_size", self.world) != self.world:
-            raise ckpt.CheckpointError(
-                f"{checkpoint}: saved with {state['world_size']} ranks, this job has {self.world}; "
-                "ZeRO partitions cannot be reused across world sizes here"
-            )
-        if not isinstance(state.get("config"), dict):
-            return
-        fixed, allowed = ckpt.config_changes(state["config"], self.cfg.to_dict())
-        if fixed and self._same_data(state):  # a data build moved (or named otherwise) is the same data
-            moved = [c for c in fixed if c.startswith(_DATA_LOCATION)]
-            fixed, allowed = [c for c in fixed if c not in moved], allowed + moved
+        current, stage = self.cfg.to_dict(), zero_stage(self.ds_config)
+        fixed, allowed = ckpt.run_changes(state, current, self.world, stage)
+        if state.get("world_size", self.world) != self.world and stage > 0:
+            self.ds_config = resharding.universal_load(self.ds_config)  # read when build_model creates the engine
+        if isinstance(state.get("config"), dict):
+            config_fixed, config_allowed = ckpt.config_changes(state["config"], current)
+            if config_fixed and self._same_data(state):  # a data build moved (or named otherwise) is the same data
+                moved = [c for c in config_fixed if c.startswith(_DATA_LOCATION)]
+                config_fixed, config_allowed = [c for c in config_fixed if c not in moved], config_allowed + moved
+            fixed, allowed = config_fixed + fixed, config_allowed + allowed
         if fixed:
             raise ckpt.CheckpointError(
                 f"{checkpoint} was saved under another configuration: {'; '.join(fixed)}; resuming needs the "
@@ -391,41 +392,90 @@ class Trainer:
         return saved is not None and sha256_file(new / "manifest.json") == saved
 
     def maybe_resume(self) -> None:
+        """Every rank verifies and screens the files it loads, once each (checkpoint_shares), rank 0
+        lists the checkpoint for planted files; then DeepSpeed loads the screened objects, converted
+        first when the world size changed (resharding); then the data position, noise and RNG."""
         checkpoint = self.resume_from
         if checkpoint is None:
             return
-        ckpt.verify_for_resume(self.run_dir, checkpoint)
-        ckpt.check_pickles_are_data(checkpoint)
-        state = json.loads((checkpoint / "trainer_state.json").read_text())
-        if state["world_size"] != self.world:
-            raise ckpt.CheckpointError(
-                f"{checkpoint}: saved with {state['world_size']} ranks, this job has {self.world}; "
-                "ZeRO partitions cannot be reused across world sizes here"
-            )
-        self.engine.load_checkpoint(str(checkpoint), tag=ckpt.ENGINE_TAG, load_module_strict=False)
-        self.reader.load_state_dict(state["reader"])
+        converting = bool(self.ds_config.get("checkpoint", {}).get("load_universal"))
+        loaded, error = {}, None
+        try:
+            manifest = ckpt.read_manifest(checkpoint)
+            loaded = shares.verify_share(checkpoint, manifest, shares.share(manifest["files"], self.rank, converting))
+            if self.rank == 0:
+                ckpt.check_listing(checkpoint, manifest)
+            try:
+                state = json.loads(loaded[ckpt.TRAINER_STATE])
+                resized = state["world_size"] != self.world
+            except (KeyError, TypeError, ValueError):
+                raise ckpt.CheckpointError(f"{checkpoint / ckpt.TRAINER_STATE}: missing or unreadable") from None
+            if resized != converting and zero_stage(self.ds_config) > 0:
+                raise ckpt.CheckpointError(f"{checkpoint / ckpt.TRAINER_STATE}: changed while this job started")
+        except (ckpt.CheckpointError, OSError) as err:
+            error = ckpt.with_way_out(self.run_dir, checkpoint, err)
+        self._agree_resumed(error)
+        if converting:
+            self._load_converted(checkpoint)
+        else:
+            shares.load_engine(self.engine, checkpoint, shares.screened_objects(checkpoint, loaded))
+        same_world = state["world_size"] == self.world
+        self.reader.load_state_dict(state["reader"])  # a position in the global stream: any world size
         if self.is_hycam:
             noise = state["noise"]
             noise["seed"] = rank_noise_seed(self.hycam_config.seed, self.rank)
-            noise["forward_count"] = state["noise_forward_counts"][self.rank]
+            noise["forward_count"] = resharding.noise_counter(state["noise_forward_counts"], self.rank, same_world)
             load_noise_state_dict(self.model, noise)
-        ckpt.set_rng_state(json.loads((checkpoint / "rng" / f"rank_{self.rank:05d}.json").read_text()))
+        rng = loaded.get(f"rng/rank_{self.rank:05d}.json")
+        if rng is not None:
+            ckpt.set_rng_state(json.loads(rng))
+        else:  # a rank the saving job did not have
+            seed_everything(resharding.new_rank_seed(self.cfg.optim.seed, self.rank, state["step"]))
         self.step = state["step"]
         self.skipped_steps = state.get("skipped_steps", 0)
         self.last_checkpoint = checkpoint
         if self.rank == 0:
-            log.info("resumed from step %d (%s)", self.step, checkpoint)
+            resized = "" if same_world else f", saved with {state['world_size']} ranks, resharded for {self.world}"
+            log.info("resumed from step %d (%s%s)", self.step, checkpoint, resized)
+
+    def _load_converted(self, checkpoint: Path) -> None:
+        """Another world size: rank 0 converts DeepSpeed's files into a scratch directory, every rank
+        screens what it will load from there, DeepSpeed loads it, rank 0 removes it."""
+        scratch, error = resharding.scratch_dir(checkpoint), None
+        if self.rank == 0:
+            try:
+                resharding.convert(checkpoint, scratch)
+            except Exception as err:  # noqa: BLE001 - whatever DeepSpeed's converter raises, every rank must stop
+                shutil.rmtree(scratch, ignore_errors=True)
+                error = ckpt.CheckpointError(f"{checkpoint}: not convertible for {self.world} ranks ({err})")
+        self._agree_resumed(error)
+        try:
+            screened = shares.screen_directory(scratch)
+        except ckpt.CheckpointError as err:
+            error = err
+        self._agree_resumed(error)
+        shares.load_engine(self.engine, scratch, screened)
+        dist.barrier()
+        if self.rank == 0:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def _agree_resumed(self, error: Exception | None) -> None:
+        """Collective: if any rank refused its share of the checkpoint, every rank stops here (the
+        refusing ones with their own message)."""
+        if all_reduce_max(int(error is not None)):
+            if error is None:
+                raise ReportedElsewhere("the checkpoint was refused on another rank")
+            raise error
 
     def save_checkpoint(self) -> None:
-        """Every rank writes its part into the staging directory, rank 0 publishes it. A write that
+        """Every rank writes its part into the staging directory and hashes the files it wrote
+        (checkpoint_shares); rank 0 merges the parts into the manifest and publishes. A write that
         fails (a full disk, lost permissions) ends the job with the previous checkpoint still latest:
         the ranks agree after each stage, so none waits for one that gave up."""
         stage = ckpt.staging_dir(self.ckpt_root, self.step)
-        self._agree_saved(self._attempt(lambda: stage.mkdir(parents=True, exist_ok=True)) if self.rank == 0 else None)
+        self._agree_saved(self._attempt(lambda: self._fresh_stage(stage)) if self.rank == 0 else None)
         try:
-            self.engine.save_checkpoint(
-                str(stage), tag=ckpt.ENGINE_TAG, save_latest=False, exclude_frozen_parameters=True
-            )
+            part = shares.save_engine(self.engine, stage)
             self._save_point("engine")
         except OSError as err:
             # Inside DeepSpeed's save the peers may wait in its own barrier: this rank ends the job.
@@ -436,6 +486,7 @@ class Trainer:
             state = {
                 "step": self.step,
                 "world_size": self.world,
+                "zero_stage": zero_stage(self.ds_config),
                 "reader": self.reader.state_dict(),
                 "noise": noise_state_dict(self.model) if self.is_hycam else None,
                 "noise_forward_counts": counts,
@@ -446,22 +497,31 @@ class Trainer:
             }
 
         def rank_files():
-            ckpt.write_rank_files(stage, self.rank, state)
+            part.update(ckpt.write_rank_files(stage, self.rank, state))
             self._save_point("rank_files")
 
         self._agree_saved(self._attempt(rank_files))
+        merged = shares.gather_parts(part)
         published: list[Path] = []
         error = None
         if self.rank == 0:
             error = self._attempt(
                 lambda: published.append(
-                    ckpt.publish(self.ckpt_root, self.step, self.cfg.checkpoint.keep_last, on_point=self._save_point)
+                    ckpt.publish(
+                        self.ckpt_root, self.step, self.cfg.checkpoint.keep_last, self._save_point, files=merged
+                    )
                 )
             )
         self._agree_saved(error)
         self.last_checkpoint = self.ckpt_root / ckpt.checkpoint_name(self.step)
         if self.rank == 0:
             log.info("checkpoint %s", published[0])
+
+    @staticmethod
+    def _fresh_stage(stage: Path) -> None:
+        """An empty staging directory: what a killed attempt at the same step left is not this save's."""
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir(parents=True)
 
     def _save_point(self, point: str) -> None:
         """Fault injection between the stages of a save (HYCAM_FAULT: kill_save, disk_full)."""

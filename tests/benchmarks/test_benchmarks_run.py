@@ -76,3 +76,16 @@ def test_train_methods_benchmark_prints_throughput_and_zero3_memory():
     out = _run("bench_train_methods.py", "--steps", "1", "--seq-len", "64", "--batch", "1", timeout=900)
     for row in ("| frozen backbone", "| hycam", "| lora", "| full", "| 1 |", "| 2 |"):
         assert row in out, f"missing {row!r} in:\n{out}"
+
+
+def test_checkpoint_scale_benchmark_prints_every_side_at_each_world_size():
+    out = _run("bench_checkpoint_scale.py", "--short", timeout=900)
+    lines = out.splitlines()
+    for header in (
+        "| ranks | MB per rank | DeepSpeed save | ours | ratio | before: rank 0 hashes all | ratio |",
+        "| ranks | MB per rank | DeepSpeed resume | ours | ratio | before: every rank checks all | ratio |",
+    ):
+        assert any(line.startswith(header) for line in lines), out
+    for ranks in (1, 2):
+        rows = [line for line in lines if line.startswith(f"| {ranks} |") and line.count("x |") == 2]
+        assert len(rows) == 2, out  # a save row and a resume row
