@@ -209,6 +209,33 @@ class ProjectionLayout:
         return u, proj[:, self.low_col : self.logit_col], proj[:, self.logit_col : self.logit_col + self.experts]
 
 
+def _fused_forward(residual, target, proj, spec_n, spec_b, noise, layout, tau, scale, hard, stats):
+    """The fused CPU kernel's forward: (out, weights, probs, mid, mix), statistics written to `stats`."""
+    residual, target, proj = (fused_cpu.rows_contiguous(t) for t in (residual, target, proj))
+    spec_n, spec_b = spec_n.contiguous(), spec_b.contiguous()
+    noise = target.new_empty(0) if noise is None else noise.to(target.dtype).contiguous()
+    out, weights, probs, mid, mix, shared_sum, spec_sum = fused_cpu.load().layer_forward(
+        residual,
+        target,
+        proj,
+        spec_n,
+        spec_b,
+        noise,
+        layout.u_col,
+        layout.low_col,
+        layout.logit_col,
+        float(tau),
+        float(scale),
+        bool(hard),
+        _CPU_CHUNK_ELEMENTS,
+    )
+    if stats is not None:
+        count = target.numel()
+        stats["shared_magnitude"] = (shared_sum.float() / count) if layout.shared else None
+        stats["specialized_magnitude"] = spec_sum.float() / count
+    return out, weights, probs, mid, mix
+
+
 class _FusedLayerFn(torch.autograd.Function):
     """modulate_layer on the fused CPU kernel: one call forward, one backward, which writes the
     whole projection's gradient (no [T, C] concatenation of its column blocks afterwards)."""
@@ -218,26 +245,9 @@ class _FusedLayerFn(torch.autograd.Function):
         ctx.target_is_residual = residual is target  # site="attention": h_att's whole gradient is g * (1 + A)
         residual, target, proj = (fused_cpu.rows_contiguous(t) for t in (residual, target, proj))
         spec_n, spec_b = spec_n.contiguous(), spec_b.contiguous()
-        noise = target.new_empty(0) if noise is None else noise.to(target.dtype).contiguous()
-        out, weights, probs, mid, mix, shared_sum, spec_sum = fused_cpu.load().layer_forward(
-            residual,
-            target,
-            proj,
-            spec_n,
-            spec_b,
-            noise,
-            layout.u_col,
-            layout.low_col,
-            layout.logit_col,
-            float(tau),
-            float(scale),
-            bool(hard),
-            _CPU_CHUNK_ELEMENTS,
+        out, weights, probs, mid, mix = _fused_forward(
+            residual, target, proj, spec_n, spec_b, noise, layout, tau, scale, hard, stats
         )
-        if stats is not None:
-            count = target.numel()
-            stats["shared_magnitude"] = (shared_sum.float() / count) if layout.shared else None
-            stats["specialized_magnitude"] = spec_sum.float() / count
         ctx.layout, ctx.tau, ctx.scale = layout, tau, scale
         ctx.save_for_backward(target, proj, spec_n, spec_b, mid, mix, weights, probs)
         return out, weights, probs
@@ -270,6 +280,43 @@ class _FusedLayerFn(torch.autograd.Function):
         return grad_residual, grad_target, grad_proj, grad_n, grad_b, None, None, None, None, None, None
 
 
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def infer_layer(
+    x,
+    residual,
+    target,
+    weights: tuple,
+    spec_n,
+    spec_b,
+    noise,
+    tau: float,
+    scale: float,
+    hard: bool,
+    stats: dict | None = None,
+):
+    """The projection of x and modulate_layer in one call of the fused CPU kernel, for decoding (a
+    few token rows, nothing needing a gradient). `weights`: (W_shared or None, its bias or None,
+    every A_k stacked [N*r, d], the router's weight, its bias or None). Returns (out, routing
+    weights, probs, proj), proj without padding columns; None where this path does not apply (an
+    accelerator, bf16, a gradient to compute): then project and call modulate_layer."""
+    present = [t for t in (x, residual, target, *weights, spec_n, spec_b) if t is not None]
+    if _needs_grad(*present) or not fused_cpu.usable(*present):
+        return None
+    residual, target = fused_cpu.rows_contiguous(residual), fused_cpu.rows_contiguous(target)
+    noise = target.new_empty(0) if noise is None else noise.to(target.dtype).contiguous()
+    out, routing, probs, proj, shared_sum, spec_sum = fused_cpu.load().layer_infer(
+        x, residual, target, *weights, spec_n, spec_b, noise, float(tau), float(scale), bool(hard), _CPU_CHUNK_ELEMENTS
+    )
+    if stats is not None:
+        count = target.numel()
+        stats["shared_magnitude"] = (shared_sum.float() / count) if weights[0] is not None else None
+        stats["specialized_magnitude"] = spec_sum.float() / count
+    return out, routing, probs, proj
+
+
 def modulate_layer(
     residual,
     target,
@@ -291,7 +338,11 @@ def modulate_layer(
     Returns (residual + target * A [T, d], routing weights [T, N] (fp32 on torch ops), probs =
     softmax(logits) [T, N] for the balance loss); the last two carry gradients to the router."""
     if fused_cpu.usable(residual, target, proj, spec_b):
-        return _FusedLayerFn.apply(residual, target, proj, spec_n, spec_b, noise, layout, tau, scale, hard, stats)
+        if _needs_grad(residual, target, proj, spec_n, spec_b):
+            return _FusedLayerFn.apply(residual, target, proj, spec_n, spec_b, noise, layout, tau, scale, hard, stats)
+        # Inference: the same kernel without autograd's bookkeeping, which costs more than the
+        # kernel itself when a decoding step hands over one token row.
+        return _fused_forward(residual, target, proj, spec_n, spec_b, noise, layout, tau, scale, hard, stats)[:3]
     u, low_rank, logits = layout.split(proj)
     # Routing in at least fp32 (bf16 logits would round the softmax), in fp64 for fp64 inputs.
     weights, probs = route(logits.to(torch.promote_types(logits.dtype, torch.float32)), noise, tau)

@@ -61,6 +61,12 @@ def test_modulation_benchmark_prints_both_implementations():
         assert row in out, f"missing {row!r} in:\n{out}"
 
 
+def test_generation_benchmark_prints_both_models_and_the_ratio():
+    out = _run("bench_generation.py", "--backbone-name", "tiny-llama", "--new-tokens", "4", "--rounds", "1")
+    for row in ("| backbone |", "| hycam |", "HyCAM / backbone time ratio:"):
+        assert row in out, f"missing {row!r} in:\n{out}"
+
+
 @pytest.mark.slow
 def test_train_methods_benchmark_prints_throughput_and_zero3_memory():
     out = _run("bench_train_methods.py", "--steps", "1", "--seq-len", "64", "--batch", "1", timeout=900)

@@ -11,6 +11,11 @@ import torch
 from run_helpers import free_port, run_in_own_group
 
 REPO = Path(__file__).resolve().parents[2]
+# bf16 rounds every matmul input to 8 significant bits (relative error 2^-9 ~ 0.2%); over the
+# tiny run's layers the mean token NLL moves by well under 0.01 nats, and perplexity = exp(mean
+# NLL) moves by about as much relatively. 2% leaves room for that, and fails on any real error
+# (an adapter left in fp32 or not applied moves it by far more).
+BF16_PPL_REL = 0.02
 
 
 def _run(cmd, **kw):
@@ -112,3 +117,29 @@ def test_generation_with_adapter_equals_generation_without_cache(trained_run):
         assert torch.equal(
             model.generate(ids, use_cache=True, **kwargs), model.generate(ids, use_cache=False, **kwargs)
         )
+
+
+def test_fp32_is_the_cpu_default_and_bf16_stays_close(trained_run, tmp_path):
+    """--dtype fp32 reproduces the default report on CPU exactly; --dtype bf16 runs the same
+    evaluation in bf16 (report.json says so) with perplexities within BF16_PPL_REL of fp32's."""
+    common = [
+        "--run-dir",
+        str(trained_run),
+        "--max-examples",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--batch-size",
+        "4",
+        "--max-ppl-rows",
+        "8",
+        "--no-progress",
+    ]
+    reports = {}
+    for name, extra in (("default", []), ("fp32", ["--dtype", "fp32"]), ("bf16", ["--dtype", "bf16", "--device", "cpu"])):
+        _run([sys.executable, "launch/evaluate.py", *common, *extra, "--out", str(tmp_path / name)])
+        reports[name] = json.loads((tmp_path / name / "report.json").read_text())
+    assert reports["fp32"] == reports["default"]
+    assert reports["default"]["dtype"] == "fp32" and reports["bf16"]["dtype"] == "bf16"
+    for task, values in reports["fp32"]["tasks"].items():
+        assert reports["bf16"]["tasks"][task]["ppl"] == pytest.approx(values["ppl"], rel=BF16_PPL_REL), task

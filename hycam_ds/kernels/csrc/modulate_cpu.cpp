@@ -1,5 +1,6 @@
 // Fused CPU kernel of one layer's HyCAM after its joint projection proj = x [W_shared; A_k; router],
-// forward and backward (layer_forward / layer_backward at the bottom):
+// forward and backward (layer_forward / layer_backward at the bottom; layer_infer, for decoding,
+// computes the projection too):
 //
 //   mid_k = (A_k x) N_k,   w = softmax((logits + gumbel) / tau),   probs = softmax(logits),
 //   out = residual + target * A,   A = SiLU(u) + sum_k w_k SiLU(z_k),   z_k = mid_k (scale B_k)
@@ -657,6 +658,29 @@ std::vector<at::Tensor> layer_forward(at::Tensor residual, at::Tensor target, at
   return {out, weights, probs, mid, mix, at::full({}, shared_sum, opts), at::full({}, spec_sum, opts)};
 }
 
+// Inference of one layer from x itself: its projection (one product per weight, the outputs side
+// by side without padding: concatenating the weights would copy all of them) and layer_forward.
+// Why: a decoding step hands over one token row per sequence, and the dozen torch calls from
+// Python this replaces cost several times their arithmetic there. No autograd: the caller takes
+// this path only when nothing needs a gradient. Returns out, weights, probs, proj and the two
+// sums of layer_forward.
+std::vector<at::Tensor> layer_infer(at::Tensor x, at::Tensor residual, at::Tensor target,
+                                    std::optional<at::Tensor> w_shared, std::optional<at::Tensor> b_shared,
+                                    at::Tensor spec_a, at::Tensor router_w, std::optional<at::Tensor> router_b,
+                                    at::Tensor n, at::Tensor b, at::Tensor noise, double tau, double scale, bool hard,
+                                    int64_t chunk_elements) {
+  at::NoGradGuard no_grad;
+  std::vector<at::Tensor> parts;
+  if (w_shared) parts.push_back(at::linear(x, *w_shared, b_shared));
+  parts.push_back(at::linear(x, spec_a));
+  parts.push_back(at::linear(x, router_w, router_b));
+  auto proj = at::cat(parts, 1);
+  const int64_t low_col = w_shared ? x.size(1) : 0, logit_col = low_col + b.size(0) * b.size(1);
+  auto result = layer_forward(residual, target, proj, n, b, noise, w_shared ? 0 : -1, low_col, logit_col, tau, scale,
+                              hard, chunk_elements);
+  return {result[0], result[1], result[2], proj, result[5], result[6]};
+}
+
 // Returns grad_target, grad_proj (every column written: u, A_k x, logits, zeros in the padding),
 // grad_n, grad_b. With target_is_residual, grad_target includes the residual's gradient
 // (grad_out). grad_weights / grad_probs: the gradients of the forward's weights and probs
@@ -714,4 +738,5 @@ std::vector<at::Tensor> layer_backward(at::Tensor grad_out, at::Tensor grad_weig
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("layer_forward", &layer_forward, "HyCAM routing + modulation of one layer, forward (CPU, fused)");
   m.def("layer_backward", &layer_backward, "HyCAM routing + modulation of one layer, backward (CPU, fused)");
+  m.def("layer_infer", &layer_infer, "HyCAM of one layer from its input, without autograd (CPU, fused)");
 }
