@@ -101,7 +101,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--general-text {args.general_text}: no such directory (of .txt files)")
     if args.ds_config is not None and not Path(args.ds_config).is_file():
         raise UsageError(f"--ds_config {args.ds_config}: no such file")
-    placement(args.dtype, args.device, zero3=args.ds_config is not None)  # CUDA missing, a device under ZeRO-3
+    # CUDA missing, or a device for ranks the deepspeed launcher places (--ds_config) itself
+    placement(args.dtype, args.device, zero3=args.ds_config is not None)
     if args.run_dir is not None and not Path(args.run_dir).is_dir():
         raise UsageError(f"--run-dir {args.run_dir}: no such directory")
     if args.data is not None and not (Path(args.data) / "manifest.json").is_file():

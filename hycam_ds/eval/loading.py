@@ -107,7 +107,7 @@ def load_model(
     engine = None
     if hf_ds is None:
         model.to(device)
-    if hf_ds is not None:
+    else:
         import deepspeed
 
         engine, *_ = deepspeed.initialize(model=model, config=ds_config)

@@ -19,8 +19,8 @@ from ..engine.run_dir import RunDir, RunDirError
 from ..modeling.injection import disable_hycam
 from .generation import gather_generations, generate_texts, generation_examples, generation_scores
 from .loading import ModelSpec, load_model
-from .precision import dtype_name, placement
 from .perplexity import general_perplexity, general_text_blocks, ppl_batches
+from .precision import dtype_name, placement
 from .settings import EvalSettings
 
 MAX_SAMPLES = 50

@@ -88,10 +88,10 @@ class HyCAMModulation(nn.Module):
         (decoding) take one product per weight instead, their outputs side by side without the
         padding: concatenating the weights would copy all of them at every call, as many bytes
         as the products read."""
-        weights = [w for w in (self.shared_weight, self.spec_a, self.router_weight) if w is not None]
+        pairs = [(self.shared_weight, self.shared_bias), (self.spec_a, None), (self.router_weight, self.router_bias)]
         if x.shape[0] <= cpu_gemm.FEW_ROWS:
-            biases = (self.shared_bias, None, self.router_bias) if self.shared_weight is not None else (None, self.router_bias)
-            return torch.cat([F.linear(x, w, b) for w, b in zip(weights, biases)], dim=1)
+            return torch.cat([F.linear(x, w, b) for w, b in pairs if w is not None], dim=1)
+        weights = [w for w, _ in pairs if w is not None]
         layout = self.layout
         pad = layout.width - layout.logit_col - layout.experts  # zero rows: their columns are never read
         if pad:
@@ -139,13 +139,15 @@ class HyCAMModulation(nn.Module):
             )
         else:
             out, weights, probs, proj = inferred
-        tokens = shape[:-1]
-        self.last_routing = {
-            "weights": weights.view(*tokens, -1),
-            "probs": probs.view(*tokens, -1),
-            "logits": self.layout.split(proj)[2].view(*tokens, -1),
+        routed = (*shape[:-1], -1)
+        # Plain attributes, set past nn.Module.__setattr__: its checks cost as much as the kernel
+        # itself at a decoding step.
+        self.__dict__["last_routing"] = {
+            "weights": weights.view(routed),
+            "probs": probs.view(routed),
+            "logits": self.layout.logits(proj).view(routed),
         }
-        self.last_magnitudes = stats or {}
+        self.__dict__["last_magnitudes"] = stats or {}
         return out.view(shape)
 
 
@@ -179,7 +181,9 @@ class HyCAMAttention(nn.Module):
         x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         out = self.base_layer(*args, **kwargs)
         h_att = out[0] if isinstance(out, tuple) else out
-        h_in, self.layer_input = self.layer_input, None  # do not keep the tensor alive past the forward
+        h_in = self.layer_input
+        if h_in is not None:  # do not keep the tensor alive past the forward
+            self.layer_input = None
         if self._state.disabled:  # the untouched backbone, for comparisons (hycam_ds.disable_hycam)
             return out
         if self._state.config.site == "residual" and h_in is None:

@@ -136,7 +136,11 @@ def test_fp32_is_the_cpu_default_and_bf16_stays_close(trained_run, tmp_path):
         "--no-progress",
     ]
     reports = {}
-    for name, extra in (("default", []), ("fp32", ["--dtype", "fp32"]), ("bf16", ["--dtype", "bf16", "--device", "cpu"])):
+    for name, extra in (
+        ("default", []),
+        ("fp32", ["--dtype", "fp32"]),
+        ("bf16", ["--dtype", "bf16", "--device", "cpu"]),
+    ):
         _run([sys.executable, "launch/evaluate.py", *common, *extra, "--out", str(tmp_path / name)])
         reports[name] = json.loads((tmp_path / name / "report.json").read_text())
     assert reports["fp32"] == reports["default"]

@@ -80,7 +80,9 @@ def test_bf16_loads_every_parameter_in_bf16_and_stays_close_to_fp32(tmp_path):
     assert (logits16 - backbone16).abs().max() > 0.1, "the adapter modulates in bf16 too"
     # Greedy decoding in bf16 with the KV cache runs the few-rows path at every step.
     prompt = ids[:, :5]
-    out = bf16.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    out = bf16.generate(
+        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False, pad_token_id=0
+    )
     assert out.shape == (2, 11)
 
 
