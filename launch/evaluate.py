@@ -122,8 +122,8 @@ def resolve(args: argparse.Namespace):
         backbone_seed=args.backbone_seed,
         adapter=args.adapter,
         full_model=args.full_model,
-        # a backbone built in code tokenises as the data build did
-        tokenizer=None if (args.full_model or args.backbone) else str(Path(args.data) / "tokenizer"),
+        # a run names its own tokenizer; a backbone built in code tokenises as the data build did
+        tokenizer=None if (args.run_dir or args.full_model or args.backbone) else str(Path(args.data) / "tokenizer"),
     )
     return spec, Path(args.data) if args.data else data_dir, tokenizer
 
