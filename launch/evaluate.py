@@ -2,6 +2,7 @@
 
     python launch/evaluate.py --run-dir runs/default --out runs/default/eval
     python launch/evaluate.py --backbone PATH --adapter DIR --data DIR --out DIR [--general-text ../shared/data/general]
+    python launch/evaluate.py --run-dir runs/default --out DIR --dtype bf16 --device cuda:1
     deepspeed --num_gpus 2 launch/evaluate.py --ds_config ds_configs/zero3.json --run-dir RUN --out DIR
 
 Per task: perplexity on response tokens, and BLEU-4 / ROUGE-L of batched greedy generations
@@ -9,6 +10,8 @@ Per task: perplexity on response tokens, and BLEU-4 / ROUGE-L of batched greedy 
 adaptation and for the untouched backbone (knowledge retention). Writes report.json, report.md,
 task_metrics.png and (HyCAM) routing_heatmap.png. Under ZeRO-3 the model is partitioned across
 ranks, examples are split across ranks and the results reduced: the numbers equal one process's.
+The model runs in --dtype (auto: bf16 on a GPU that supports it, fp32 on CPU; report.json
+records it), the DeepSpeed config's bf16 section following it under ZeRO-3.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 
 from hycam_ds.engine.cli import Parser, UsageError, run_main
 from hycam_ds.engine.distributed import init_process_group
+from hycam_ds.eval.precision import DTYPE_CHOICES, device_argument, placement
 from hycam_ds.eval.recipe import evaluate, model_spec, write
 from hycam_ds.eval.settings import EvalSettings
 
@@ -60,6 +64,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--general-text", default=DEFAULTS.general_text, help="directory of .txt files for knowledge retention"
     )
     parser.add_argument("--general-tokens", type=int, default=DEFAULTS.general_max_tokens)
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default=DEFAULTS.dtype,
+        help="model precision (default auto: bf16 on a GPU that supports it, else fp32)",
+    )
+    parser.add_argument(
+        "--device",
+        type=device_argument,
+        default=DEFAULTS.device,
+        help="auto, cpu, cuda or cuda:N (default auto: the GPU if there is one); auto under ZeRO-3",
+    )
     parser.add_argument("--ds_config", help="DeepSpeed JSON: ZeRO-3 partitions the model across ranks")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--no-progress", action="store_true")
@@ -85,6 +101,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--general-text {args.general_text}: no such directory (of .txt files)")
     if args.ds_config is not None and not Path(args.ds_config).is_file():
         raise UsageError(f"--ds_config {args.ds_config}: no such file")
+    # CUDA missing, or a device for ranks the deepspeed launcher places (--ds_config) itself
+    placement(args.dtype, args.device, zero3=args.ds_config is not None)
     if args.run_dir is not None and not Path(args.run_dir).is_dir():
         raise UsageError(f"--run-dir {args.run_dir}: no such directory")
     if args.data is not None and not (Path(args.data) / "manifest.json").is_file():
@@ -104,7 +122,7 @@ def resolve(args: argparse.Namespace):
         backbone_seed=args.backbone_seed,
         adapter=args.adapter,
         full_model=args.full_model,
-        # a backbone built in code tokenises as the data build did (a run directory names its own)
+        # a run names its own tokenizer; a backbone built in code tokenises as the data build did
         tokenizer=None if (args.run_dir or args.full_model or args.backbone) else str(Path(args.data) / "tokenizer"),
     )
     return spec, Path(args.data) if args.data else data_dir, tokenizer
@@ -119,6 +137,8 @@ def settings_from(args: argparse.Namespace) -> EvalSettings:
         max_ppl_rows=args.max_ppl_rows,
         general_text=args.general_text,
         general_max_tokens=args.general_tokens,
+        dtype=args.dtype,
+        device=args.device,
     )
 
 

@@ -8,7 +8,8 @@ Each prompt is an instruction (optionally `--input` context) formatted the way t
 was built: with --run-dir, the template its data manifest records (alpaca or the tokenizer's chat
 template, with its system prompt); otherwise --template (default alpaca) and --system-prompt.
 Generation stops at EOS or the chat template's end-of-turn token; it is greedy with the KV cache
-and deterministic routing unless --sample.
+and deterministic routing unless --sample. The model runs in --dtype on --device (auto: bf16 on
+a GPU that supports it, else fp32 on CPU).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from data_pipeline import TEMPLATES, PromptFormat, load_manifest, manifest_templ
 from hycam_ds.engine.cli import Parser, UsageError, run_main
 from hycam_ds.engine.run_dir import RunDir
 from hycam_ds.eval.loading import load_model
+from hycam_ds.eval.precision import DTYPE_CHOICES, device_argument, placement
 from hycam_ds.eval.recipe import model_spec
 
 
@@ -49,6 +51,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--system-prompt", default=None, help="system turn of --template chat (default: the template's)"
     )
+    parser.add_argument(
+        "--dtype", choices=DTYPE_CHOICES, default="auto", help="auto (bf16 on a GPU that supports it, else fp32)"
+    )
+    parser.add_argument("--device", type=device_argument, default="auto", help="auto, cpu, cuda or cuda:N")
     return parser.parse_args(argv)
 
 
@@ -99,6 +105,7 @@ def load(args):
         raise UsageError("give --run-dir, --backbone or --backbone-name (with --tokenizer)")
     if args.backbone_name and not (args.run_dir or args.backbone or args.tokenizer):
         raise UsageError(f"--backbone-name {args.backbone_name} is built in code: give its --tokenizer")
+    device, dtype = placement(args.dtype, args.device, zero3=False)
     spec, _, tokenizer = model_spec(
         args.run_dir,
         backbone=args.backbone,
@@ -107,15 +114,16 @@ def load(args):
         adapter=args.adapter,
         tokenizer=args.tokenizer,
     )
-    model, _ = load_model(spec)
+    model, _ = load_model(spec, dtype, device=device)
     return model, tokenizer
 
 
 def complete(model, tokenizer, ids: list[int], stops: list[int], args) -> str:
+    device = next(model.parameters()).device
     with torch.no_grad():
         out = model.generate(
-            input_ids=torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.int64),
+            input_ids=torch.tensor([ids], device=device),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.int64, device=device),
             max_new_tokens=args.max_new_tokens,
             do_sample=args.sample,
             temperature=0.8 if args.sample else None,

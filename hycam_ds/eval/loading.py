@@ -15,6 +15,7 @@ from ..engine.methods import load_pretrained_model
 from ..engine.run_dir import RunDir, RunDirError
 from ..modeling.adapter_io import MANIFEST_FILE, load_adapter
 from ..modeling.backbones import build_backbone
+from ..modeling.injection import set_record_stats
 
 
 @dataclass
@@ -60,21 +61,29 @@ class ModelSpec:
         return "hycam" if (Path(self.adapter) / MANIFEST_FILE).is_file() else "lora"
 
 
-def zero3_inference_config(ds_config: dict[str, Any]) -> dict[str, Any]:
-    """A training DeepSpeed config reduced to what inference needs (no optimizer, no scheduler)."""
-    keep = {k: v for k, v in ds_config.items() if k in ("zero_optimization", "bf16")}
+def zero3_inference_config(ds_config: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """A training DeepSpeed config reduced to what inference in `dtype` needs (no optimizer, no
+    scheduler). Its bf16 section follows `dtype`, whatever the training file said: ZeRO-3 builds
+    and keeps the partitioned parameters in the precision that section names."""
+    keep = {k: v for k, v in ds_config.items() if k == "zero_optimization"}
     keep["train_micro_batch_size_per_gpu"] = 1
-    keep.setdefault("bf16", {})["enabled"] = bool(keep.get("bf16", {}).get("enabled") is True)
+    keep["bf16"] = {**ds_config.get("bf16", {}), "enabled": dtype == torch.bfloat16}
     return keep
 
 
 def load_model(
-    spec: ModelSpec, dtype: torch.dtype = torch.float32, ds_config: Optional[dict] = None, attn: str = "sdpa"
+    spec: ModelSpec,
+    dtype: torch.dtype = torch.float32,
+    ds_config: Optional[dict] = None,
+    attn: str = "sdpa",
+    device: torch.device | str = "cpu",
 ):
-    """Returns (model in eval mode, keepalive). Under ZeRO-3 (`ds_config` stage 3) the returned
-    model is a DeepSpeed engine's module, partitioned across ranks; keep `keepalive` referenced."""
+    """Returns (model in eval mode, keepalive), every parameter in `dtype` (a HyCAM adapter is cast
+    to it on loading). Without ZeRO-3 the model is moved to `device`. Under ZeRO-3 (`ds_config`
+    stage 3) the returned model is a DeepSpeed engine's module, partitioned across ranks on the
+    devices DeepSpeed chose; keep `keepalive` referenced."""
     stage3 = bool(ds_config) and zero_stage(ds_config) == 3
-    ds_config = zero3_inference_config(ds_config) if stage3 else None
+    ds_config = zero3_inference_config(ds_config, dtype) if stage3 else None
     hf_ds = None
     source = spec.full_model or spec.backbone_path
     if source is not None:
@@ -87,13 +96,18 @@ def load_model(
     kind = spec.kind()
     if kind == "hycam":
         load_adapter(model, spec.adapter)
+        set_record_stats(model, False)  # modulation magnitudes are training telemetry
     elif kind == "lora":
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, spec.adapter)
+        # The LoRA weights in the backbone's dtype, as training under bf16 ran them (PEFT would
+        # otherwise keep them in fp32 beside a bf16 backbone).
+        model = PeftModel.from_pretrained(model, spec.adapter, autocast_adapter_dtype=False)
     model.eval()
     engine = None
-    if hf_ds is not None:
+    if hf_ds is None:
+        model.to(device)
+    else:
         import deepspeed
 
         engine, *_ = deepspeed.initialize(model=model, config=ds_config)

@@ -20,6 +20,7 @@ from ..modeling.injection import disable_hycam
 from .generation import gather_generations, generate_texts, generation_examples, generation_scores
 from .loading import ModelSpec, load_model
 from .perplexity import general_perplexity, general_text_blocks, ppl_batches
+from .precision import dtype_name, placement
 from .settings import EvalSettings
 
 MAX_SAMPLES = 50
@@ -112,9 +113,11 @@ def evaluate(
 
     rank, world = rank_and_world()
     check_data_dir(data_dir)
-    model, keepalive = load_model(spec, ds_config=ds_config)
-    device = next(model.parameters()).device
-    synced = world > 1 and ds_config is not None and zero_stage(ds_config) == 3
+    zero3 = ds_config is not None and zero_stage(ds_config) == 3
+    synced = world > 1 and zero3
+    device, dtype = placement(settings.dtype, settings.device, zero3)
+    model, keepalive = load_model(spec, dtype, ds_config, device=device)
+    device = next(model.parameters()).device  # under ZeRO-3, where DeepSpeed put this rank
     reader = ShardReader(
         data_dir,
         settings.split,
@@ -156,14 +159,15 @@ def evaluate(
         "tasks": tasks,
         "world_size": world,
         "max_ppl_rows": settings.max_ppl_rows,
+        "dtype": dtype_name(dtype),
     }
     if settings.general_text:
-        report["general_text"] = _general_text(model, spec, tokenizer, settings, ds_config, device)
+        report["general_text"] = _general_text(model, spec, tokenizer, settings, ds_config, device, dtype)
     del keepalive
     return {"report": report, "routing": routing}
 
 
-def _general_text(model, spec: ModelSpec, tokenizer, settings: EvalSettings, ds_config, device) -> dict:
+def _general_text(model, spec: ModelSpec, tokenizer, settings: EvalSettings, ds_config, device, dtype) -> dict:
     """General-text perplexity of the adapted model and of the backbone it started from."""
     blocks = general_text_blocks(
         tokenizer, settings.general_text, settings.general_max_tokens, settings.general_seq_len
@@ -180,7 +184,7 @@ def _general_text(model, spec: ModelSpec, tokenizer, settings: EvalSettings, ds_
             backbone_seed=spec.backbone_seed,
             vocab_size=spec.vocab_size,
         )
-        base, _base_keepalive = load_model(base_spec, ds_config=ds_config)
+        base, _base_keepalive = load_model(base_spec, dtype, ds_config, device=device)
         original = general_perplexity(base, blocks, settings.batch_size, device)
     return {"ppl": adapted, "backbone_ppl": original, "tokens": int(blocks.numel()), "source": settings.general_text}
 

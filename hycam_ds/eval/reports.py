@@ -27,8 +27,9 @@ def averages(tasks: dict[str, dict]) -> dict[str, float]:
 
 
 def markdown_table(report: dict[str, Any]) -> str:
+    dtype = f", {report['dtype']}" if "dtype" in report else ""  # reports written before it was recorded
     lines = [
-        f"# Evaluation: {report['model']['kind']} ({report['split']} split)",
+        f"# Evaluation: {report['model']['kind']} ({report['split']} split{dtype})",
         "",
         "| task | perplexity | BLEU-4 | ROUGE-L | generations |",
         "|---|---|---|---|---|",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 
 @dataclass
@@ -25,3 +25,9 @@ class EvalSettings:
     """Tokens of general text evaluated (the first ones, deterministic)."""
     general_seq_len: int = 256
     """Block length of the general-text perplexity."""
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    """The model's precision: auto = bf16 on a GPU that computes it natively, fp32 elsewhere
+    (hycam_ds.eval.precision); bf16 on a CPU works, slowly."""
+    device: str = "auto"
+    """auto, cpu, cuda or cuda:N: where one process runs the model (auto: its GPU if there is
+    one). Under ZeRO-3 DeepSpeed places every rank itself, and only auto is accepted."""

@@ -5,6 +5,10 @@ so leaves half of a 512-bit FMA unit idle; oneDNN (shipped inside torch) dispatc
 features rather than its vendor and runs the projection's three GEMMs about twice as fast there
 (docs/performance.md). On Intel CPUs both libraries reach AVX-512 peak, so nothing is lost there.
 
+A few rows (decoding: one token per sequence) take F.linear too: the product is then a
+matrix-vector one, bound by reading the weight, where vector width gains nothing and oneDNN's
+per-call preparation of the weight costs more than the product (docs/performance.md).
+
 Full fp32 arithmetic (oneDNN's default strict math mode): the results match torch's matmul to
 rounding (tested), deterministically for a given thread count. Accelerators, other dtypes,
 torch builds without oneDNN or HYCAM_ONEDNN_LINEAR=0 take F.linear; if the oneDNN call itself
@@ -22,6 +26,9 @@ import torch.nn.functional as F
 logger = logging.getLogger(__name__)
 
 _broken = False
+
+FEW_ROWS = 16
+"""Inputs of at most this many rows take F.linear (module docstring)."""
 
 
 def enabled() -> bool:
@@ -62,6 +69,7 @@ def _applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and x.dim() == 2
+        and x.shape[0] > FEW_ROWS
         and torch.backends.mkldnn.is_available()
     )
 

@@ -16,7 +16,9 @@ implementations of the same function:
   backward, with the projection's gradient written in place, column block by column block;
 - elsewhere (accelerators, bf16/fp16, no compiler, HYCAM_FUSED_CPU=0) torch ops: softmax
   routing and an einsum for the N_k, then `modulate` (the custom function above, chunk by chunk).
-Tests hold both to the plain statement, hycam_ds.modeling.reference.
+Without autograd (evaluation, generation) the fused kernel runs without the custom function's
+bookkeeping, and `infer_layer`, for decoding's few token rows, also computes the projection in
+the same call. Tests hold every path to the plain statement, hycam_ds.modeling.reference.
 """
 
 from __future__ import annotations
@@ -203,10 +205,46 @@ class ProjectionLayout:
         GEMMs run faster at a multiple of 8, docs/performance.md, and tensor cores want it on GPUs)."""
         return -(-(self.logit_col + self.experts) // 8) * 8
 
+    def logits(self, proj: torch.Tensor) -> torch.Tensor:
+        """The router logits [T, N]: a view of proj's columns."""
+        start = self.logit_col
+        return proj[:, start : start + self.experts]
+
     def split(self, proj: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """(u or None, A_k x for all k [T, N*r], logits [T, N]): views of proj's columns."""
         u = proj[:, : self.hidden] if self.shared else None
         return u, proj[:, self.low_col : self.logit_col], proj[:, self.logit_col : self.logit_col + self.experts]
+
+
+def _fused_forward(residual, target, proj, spec_n, spec_b, noise, layout, tau, scale, hard, stats):
+    """The fused CPU kernel's forward: (out, weights, probs, mid, mix), statistics written to `stats`."""
+    residual, target, proj = (fused_cpu.rows_contiguous(t) for t in (residual, target, proj))
+    spec_n, spec_b = spec_n.contiguous(), spec_b.contiguous()
+    noise = target.new_empty(0) if noise is None else noise.to(target.dtype).contiguous()
+    out, weights, probs, mid, mix, shared_sum, spec_sum = fused_cpu.load().layer_forward(
+        residual,
+        target,
+        proj,
+        spec_n,
+        spec_b,
+        noise,
+        layout.u_col,
+        layout.low_col,
+        layout.logit_col,
+        float(tau),
+        float(scale),
+        bool(hard),
+        _CPU_CHUNK_ELEMENTS,
+    )
+    _record_magnitudes(stats, shared_sum, spec_sum, target.numel(), layout.shared)
+    return out, weights, probs, mid, mix
+
+
+def _record_magnitudes(stats: dict | None, shared_sum, spec_sum, count: int, shared: bool) -> None:
+    """The fused kernel's sums of |SiLU(u)| and |specialised part| as mean magnitudes in `stats`."""
+    if stats is not None:
+        stats["shared_magnitude"] = (shared_sum.float() / count) if shared else None
+        stats["specialized_magnitude"] = spec_sum.float() / count
 
 
 class _FusedLayerFn(torch.autograd.Function):
@@ -218,26 +256,9 @@ class _FusedLayerFn(torch.autograd.Function):
         ctx.target_is_residual = residual is target  # site="attention": h_att's whole gradient is g * (1 + A)
         residual, target, proj = (fused_cpu.rows_contiguous(t) for t in (residual, target, proj))
         spec_n, spec_b = spec_n.contiguous(), spec_b.contiguous()
-        noise = target.new_empty(0) if noise is None else noise.to(target.dtype).contiguous()
-        out, weights, probs, mid, mix, shared_sum, spec_sum = fused_cpu.load().layer_forward(
-            residual,
-            target,
-            proj,
-            spec_n,
-            spec_b,
-            noise,
-            layout.u_col,
-            layout.low_col,
-            layout.logit_col,
-            float(tau),
-            float(scale),
-            bool(hard),
-            _CPU_CHUNK_ELEMENTS,
+        out, weights, probs, mid, mix = _fused_forward(
+            residual, target, proj, spec_n, spec_b, noise, layout, tau, scale, hard, stats
         )
-        if stats is not None:
-            count = target.numel()
-            stats["shared_magnitude"] = (shared_sum.float() / count) if layout.shared else None
-            stats["specialized_magnitude"] = spec_sum.float() / count
         ctx.layout, ctx.tau, ctx.scale = layout, tau, scale
         ctx.save_for_backward(target, proj, spec_n, spec_b, mid, mix, weights, probs)
         return out, weights, probs
@@ -270,6 +291,42 @@ class _FusedLayerFn(torch.autograd.Function):
         return grad_residual, grad_target, grad_proj, grad_n, grad_b, None, None, None, None, None, None
 
 
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+_NO_NOISE = torch.empty(0)  # what the kernel takes for "no Gumbel noise"
+
+
+def infer_layer(
+    x,
+    residual,
+    target,
+    weights: tuple,
+    spec_n,
+    spec_b,
+    noise,
+    tau: float,
+    scale: float,
+    hard: bool,
+    stats: dict | None = None,
+):
+    """The projection of x and modulate_layer in one call of the fused CPU kernel, for decoding (a
+    few token rows, nothing needing a gradient). `weights`: (W_shared or None, its bias or None,
+    every A_k stacked [N*r, d], the router's weight, its bias or None). Returns (out, routing
+    weights, probs, proj), proj without padding columns; None where this path does not apply (an
+    accelerator, bf16, a gradient to compute): then project and call modulate_layer."""
+    if _needs_grad(x, residual, target, *weights, spec_n, spec_b) or not fused_cpu.usable(x, residual, target, spec_b):
+        return None  # (a weight of another dtype or device than x: the kernel's own check says so)
+    residual, target = fused_cpu.rows_contiguous(residual), fused_cpu.rows_contiguous(target)
+    noise = _NO_NOISE if noise is None else noise.to(target.dtype).contiguous()
+    out, routing, probs, proj, shared_sum, spec_sum = fused_cpu.load().layer_infer(
+        x, residual, target, *weights, spec_n, spec_b, noise, float(tau), float(scale), bool(hard), _CPU_CHUNK_ELEMENTS
+    )
+    _record_magnitudes(stats, shared_sum, spec_sum, target.numel(), weights[0] is not None)
+    return out, routing, probs, proj
+
+
 def modulate_layer(
     residual,
     target,
@@ -291,7 +348,11 @@ def modulate_layer(
     Returns (residual + target * A [T, d], routing weights [T, N] (fp32 on torch ops), probs =
     softmax(logits) [T, N] for the balance loss); the last two carry gradients to the router."""
     if fused_cpu.usable(residual, target, proj, spec_b):
-        return _FusedLayerFn.apply(residual, target, proj, spec_n, spec_b, noise, layout, tau, scale, hard, stats)
+        if _needs_grad(residual, target, proj, spec_n, spec_b):
+            return _FusedLayerFn.apply(residual, target, proj, spec_n, spec_b, noise, layout, tau, scale, hard, stats)
+        # Inference: the same kernel without autograd's bookkeeping, which costs more than the
+        # kernel itself when a decoding step hands over one token row.
+        return _fused_forward(residual, target, proj, spec_n, spec_b, noise, layout, tau, scale, hard, stats)[:3]
     u, low_rank, logits = layout.split(proj)
     # Routing in at least fp32 (bf16 logits would round the softmax), in fp64 for fp64 inputs.
     weights, probs = route(logits.to(torch.promote_types(logits.dtype, torch.float32)), noise, tau)

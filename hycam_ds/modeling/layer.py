@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import cpu_gemm
-from ..kernels.modulation import ProjectionLayout, modulate_layer
+from ..kernels.modulation import ProjectionLayout, infer_layer, modulate_layer
 from .config import HyCAMConfig
 from .router import NoiseState, gumbel_noise, routing_mode
 
@@ -58,6 +58,7 @@ class HyCAMModulation(nn.Module):
         self.router_weight = nn.Parameter(torch.empty(n, d)) if experts else None
         self.router_bias = nn.Parameter(torch.empty(n)) if experts and config.bias else None
         object.__setattr__(self, "_state", state)  # plain attribute: not a submodule, not saved
+        self.layout = ProjectionLayout(d, n, r, config.shared) if experts else None
         self.last_routing: dict[str, torch.Tensor] = {}
         self.last_magnitudes: dict[str, torch.Tensor | None] = {}
         self.reset_parameters()
@@ -79,25 +80,27 @@ class HyCAMModulation(nn.Module):
             if p is not None:
                 nn.init.zeros_(p)
 
-    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, ProjectionLayout | None]:
-        """x [T, d] -> (one [T, C] tensor holding x W_shared, every A_k x and the router logits side
-        by side, their layout). One GEMM over concatenated weights: small-output GEMMs
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, d] -> one [T, C] tensor holding x W_shared, every A_k x and the router logits side
+        by side (self.layout). One GEMM over concatenated weights: small-output GEMMs
         ([d, N_s*r], [d, N_s]) run far below peak on their own. On CPU the GEMMs run on oneDNN
-        (cpu_gemm.py: torch's default BLAS takes its AVX2 path on AMD CPUs). Shared CAM alone:
-        (x W_shared, None)."""
-        if self.spec_a is None:
-            return cpu_gemm.linear(x, self.shared_weight, self.shared_bias), None
-        cfg = self.config
-        layout = ProjectionLayout(x.shape[-1], cfg.num_specialized, cfg.rank, self.shared_weight is not None)
-        weights = [w for w in (self.shared_weight, self.spec_a, self.router_weight) if w is not None]
+        (cpu_gemm.py: torch's default BLAS takes its AVX2 path on AMD CPUs). A few rows
+        (decoding) take one product per weight instead, their outputs side by side without the
+        padding: concatenating the weights would copy all of them at every call, as many bytes
+        as the products read."""
+        pairs = [(self.shared_weight, self.shared_bias), (self.spec_a, None), (self.router_weight, self.router_bias)]
+        if x.shape[0] <= cpu_gemm.FEW_ROWS:
+            return torch.cat([F.linear(x, w, b) for w, b in pairs if w is not None], dim=1)
+        weights = [w for w, _ in pairs if w is not None]
+        layout = self.layout
         pad = layout.width - layout.logit_col - layout.experts  # zero rows: their columns are never read
         if pad:
             weights.append(x.new_zeros(pad, x.shape[-1]))
         bias = None
-        if cfg.bias:
+        if self.config.bias:
             parts = [self.shared_bias, x.new_zeros(self.spec_a.shape[0]), self.router_bias, x.new_zeros(pad)]
             bias = torch.cat([b for b in parts if b is not None])
-        return cpu_gemm.linear(x, torch.cat(weights), bias), layout
+        return cpu_gemm.linear(x, torch.cat(weights), bias)
 
     def forward(self, x: torch.Tensor, h_att: torch.Tensor, h_in: torch.Tensor | None = None) -> torch.Tensor:
         """h_out = h_att + target * A (module docstring), computed by the fast paths of hycam_ds.kernels.
@@ -107,11 +110,10 @@ class HyCAMModulation(nn.Module):
         its routing weights and its gradients equal to it."""
         cfg, state = self.config, self._state
         shape = h_att.shape
-        proj, layout = self._project(x.reshape(-1, shape[-1]))
-        h2 = h_att.reshape(-1, shape[-1])
+        x2, h2 = x.reshape(-1, shape[-1]), h_att.reshape(-1, shape[-1])
         target = h2 if cfg.site == "attention" else h2 + h_in.reshape(-1, shape[-1])
-        if layout is None:  # shared CAM alone: no experts to route
-            shared = F.silu(proj)
+        if self.layout is None:  # shared CAM alone: no experts to route
+            shared = F.silu(cpu_gemm.linear(x2, self.shared_weight, self.shared_bias))
             self.last_magnitudes = (
                 {"shared_magnitude": shared.detach().abs().mean().float(), "specialized_magnitude": None}
                 if state.record_stats
@@ -121,21 +123,31 @@ class HyCAMModulation(nn.Module):
         hard, sample = routing_mode(cfg, self.training)
         noise = None
         if sample:
-            rows = proj.shape[0]
-            noise = gumbel_noise(
-                (rows, layout.experts), state.noise.generator(self.layer_index, proj.device), proj.device
-            )
+            generator = state.noise.generator(self.layer_index, x2.device)
+            noise = gumbel_noise((x2.shape[0], self.layout.experts), generator, x2.device)
         stats: dict | None = {} if state.record_stats else None
-        out, weights, probs = modulate_layer(
-            h2, target, proj, layout, self.spec_n, self.spec_b, noise, cfg.tau, cfg.scaling, hard, stats
-        )
-        tokens = shape[:-1]
-        self.last_routing = {
-            "weights": weights.view(*tokens, -1),
-            "probs": probs.view(*tokens, -1),
-            "logits": layout.split(proj)[2].view(*tokens, -1),
+        inferred = None
+        if x2.shape[0] <= cpu_gemm.FEW_ROWS:  # decoding: one call of the fused kernel, where it applies
+            weights = (self.shared_weight, self.shared_bias, self.spec_a, self.router_weight, self.router_bias)
+            inferred = infer_layer(
+                x2, h2, target, weights, self.spec_n, self.spec_b, noise, cfg.tau, cfg.scaling, hard, stats
+            )
+        if inferred is None:
+            proj = self._project(x2)
+            out, weights, probs = modulate_layer(
+                h2, target, proj, self.layout, self.spec_n, self.spec_b, noise, cfg.tau, cfg.scaling, hard, stats
+            )
+        else:
+            out, weights, probs, proj = inferred
+        routed = (*shape[:-1], -1)
+        # Plain attributes, set past nn.Module.__setattr__: its checks cost as much as the kernel
+        # itself at a decoding step.
+        self.__dict__["last_routing"] = {
+            "weights": weights.view(routed),
+            "probs": probs.view(routed),
+            "logits": self.layout.logits(proj).view(routed),
         }
-        self.last_magnitudes = stats or {}
+        self.__dict__["last_magnitudes"] = stats or {}
         return out.view(shape)
 
 
@@ -169,7 +181,9 @@ class HyCAMAttention(nn.Module):
         x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         out = self.base_layer(*args, **kwargs)
         h_att = out[0] if isinstance(out, tuple) else out
-        h_in, self.layer_input = self.layer_input, None  # do not keep the tensor alive past the forward
+        h_in = self.layer_input
+        if h_in is not None:  # do not keep the tensor alive past the forward
+            self.layer_input = None
         if self._state.disabled:  # the untouched backbone, for comparisons (hycam_ds.disable_hycam)
             return out
         if self._state.config.site == "residual" and h_in is None:

@@ -71,6 +71,12 @@ def test_loss_memory_benchmark_prints_every_variant_and_the_ratios():
     assert "the loss's extra peak memory, after / before:" in out and "time of the step, after / before:" in out
 
 
+def test_generation_benchmark_prints_both_models_and_the_ratio():
+    out = _run("bench_generation.py", "--backbone-name", "tiny-llama", "--new-tokens", "4", "--rounds", "1")
+    for row in ("| backbone |", "| hycam |", "HyCAM / backbone time ratio:"):
+        assert row in out, f"missing {row!r} in:\n{out}"
+
+
 @pytest.mark.slow
 def test_train_methods_benchmark_prints_throughput_and_zero3_memory():
     out = _run("bench_train_methods.py", "--steps", "1", "--seq-len", "64", "--batch", "1", timeout=900)

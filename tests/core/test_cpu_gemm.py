@@ -50,6 +50,13 @@ def test_other_dtypes_devices_and_the_switch_take_f_linear(monkeypatch):
     assert not cpu_gemm._applies(x, weight)
 
 
+def test_a_few_rows_take_f_linear():
+    """Decoding's matrix-vector products stay on torch's BLAS (cpu_gemm's docstring)."""
+    x, weight, _ = _operands()
+    assert not cpu_gemm._applies(x[: cpu_gemm.FEW_ROWS], weight)
+    assert cpu_gemm._applies(x[: cpu_gemm.FEW_ROWS + 1], weight)
+
+
 def test_a_failing_onednn_call_warns_once_and_falls_back(monkeypatch, caplog):
     def broken(*args):
         raise RuntimeError("simulated: op not in this build")

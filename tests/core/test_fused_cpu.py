@@ -87,6 +87,66 @@ def test_fused_kernel_is_taken_only_where_it_applies(monkeypatch):
     assert not fused_cpu.usable(x), "HYCAM_FUSED_CPU=0 turns it off"
 
 
+@pytest.mark.parametrize("shared, bias, scale", [(True, False, 4.0), (False, True, 4.0), (True, True, 2.7)])
+def test_inference_from_x_equals_projecting_then_modulating(shared, bias, scale, monkeypatch):
+    """infer_layer (decoding: the projection and the modulation in one kernel call) computes what
+    the layer's two steps compute: to the bit at a power-of-two scale (alpha / rank = 4 at the
+    defaults), to rounding at others (it scales mid B where training scales B), and stands aside
+    where it does not apply."""
+    monkeypatch.setenv("HYCAM_FUSED_CPU", "1")
+    g = torch.Generator().manual_seed(3)
+    rows, n, r, d = 3, 5, 8, 64
+
+    def rand(*shape, scale=0.3):
+        return torch.randn(*shape, generator=g) * scale
+
+    x, residual = rand(rows, d, scale=1.0), rand(rows, d, scale=1.0)
+    weights = (
+        rand(d, d) if shared else None,
+        rand(d) if shared and bias else None,
+        rand(n * r, d),
+        rand(n, d),
+        rand(n) if bias else None,
+    )
+    spec_n, spec_b = rand(n, r, r), rand(n, r, d)
+    w_shared, b_shared, spec_a, router_w, router_b = weights
+    shared_part = [torch.nn.functional.linear(x, w_shared, b_shared)] if shared else []
+    proj = torch.cat(shared_part + [x @ spec_a.t(), torch.nn.functional.linear(x, router_w, router_b)], dim=1)
+    layout = ProjectionLayout(d, n, r, shared)
+    stats, expected_stats = {}, {}
+    with torch.no_grad():
+        got = modulation.infer_layer(x, residual, residual, weights, spec_n, spec_b, None, 0.5, scale, False, stats)
+        expected = modulation.modulate_layer(
+            residual, residual, proj, layout, spec_n, spec_b, None, 0.5, scale, False, expected_stats
+        )
+    assert got is not None and stats.keys() == expected_stats.keys()
+    magnitudes = [(stats[k], v) for k, v in expected_stats.items() if v is not None]
+    for a, b in [*zip(got, (*expected, proj)), *magnitudes]:
+        if scale == 4.0:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        bf16 = [None if w is None else w.bfloat16() for w in weights]
+        assert (
+            modulation.infer_layer(
+                x.bfloat16(),
+                residual.bfloat16(),
+                residual.bfloat16(),
+                bf16,
+                spec_n.bfloat16(),
+                spec_b.bfloat16(),
+                None,
+                0.5,
+                4.0,
+                False,
+            )
+            is None
+        ), "bf16 runs on torch ops"
+    spec_b.requires_grad_()
+    assert modulation.infer_layer(x, residual, residual, weights, spec_n, spec_b, None, 0.5, 4.0, False) is None
+
+
 def test_kernel_rejects_mismatched_operands_clearly():
     kernel = fused_cpu.load()
     layout = ProjectionLayout(5, 2, 3, True)

@@ -179,10 +179,13 @@ def test_fused_modulation_with_the_target_as_its_own_residual(kernel):
 @pytest.mark.parametrize("site", ["attention", "residual"])
 @pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("training", [False, True])
-def test_reference_equals_the_model(routing, site, shared, training, kernel):
+@pytest.mark.parametrize("length", [9, 3])
+def test_reference_equals_the_model(routing, site, shared, training, length, kernel):
     """Every HyCAM layer of a float64 model built by apply_hycam computes what
-    hycam_ds.modeling.reference states: h_out, routing weights and probs, gradients, balance loss.
-    Eval is noise-free; training draws the layer's own Gumbel noise, regenerated here."""
+    hycam_ds.modeling.reference states: h_out, routing weights and probs, gradients, balance loss,
+    and the same h_out without autograd (the inference path). Eval is noise-free; training draws
+    the layer's own Gumbel noise, regenerated here. length 9: 18 token rows, one joint projection;
+    length 3: 6 rows, the few-rows projection decoding takes (cpu_gemm.FEW_ROWS)."""
     cfg = H.HyCAMConfig(
         routing=routing, eval_routing="argmax" if routing == "hard" else "softmax", site=site, shared=shared, bias=True
     )
@@ -192,7 +195,7 @@ def test_reference_equals_the_model(routing, site, shared, training, kernel):
     seen = {}
     for layer in hycam_layers(model):
         layer.register_forward_hook(lambda module, args, out: seen.__setitem__(module, (args, out)))
-    model(_ids())
+    model(_ids(length=length))
     hard = routing == "hard"
     tight = dict(atol=1e-10, rtol=1e-10)
     expected_balance = 0.0
@@ -208,6 +211,8 @@ def test_reference_equals_the_model(routing, site, shared, training, kernel):
         torch.testing.assert_close(layer.last_routing["weights"], weights, **tight)
         torch.testing.assert_close(layer.last_routing["probs"], probs, **tight)
         expected_balance += reference_balance_loss(weights, probs).item()
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x, h_att, h_in), expected, **tight)
         # Gradients: the layer called again on the same inputs (same noise: the counter advances
         # once per model forward) against the reference, through the output and the balance term.
         inputs = [t.detach().clone().requires_grad_() for t in (x, h_att, h_in) if t is not None]

@@ -152,6 +152,50 @@ CASES = [
         ("--batch-size",),
     ),
     (
+        "evaluate --dtype fp16",
+        lambda w: run_entry(["launch/evaluate.py", "--run-dir", w["run"], "--out", w["root"] / "e", "--dtype", "fp16"]),
+        ("--dtype", "fp16"),
+    ),
+    (
+        "evaluate --device tpu",
+        lambda w: run_entry(["launch/evaluate.py", "--run-dir", w["run"], "--out", w["root"] / "e", "--device", "tpu"]),
+        ("--device", "tpu"),
+    ),
+    (
+        "evaluate --device cuda:99",
+        lambda w: run_entry(
+            ["launch/evaluate.py", "--run-dir", w["run"], "--out", w["root"] / "e", "--device", "cuda:99"]
+        ),
+        ("--device cuda:99",),
+    ),
+    (
+        "evaluate --device cpu under ZeRO-3",
+        lambda w: run_entry(
+            [
+                "launch/evaluate.py",
+                "--run-dir",
+                w["run"],
+                "--out",
+                w["root"] / "e",
+                "--ds_config",
+                "ds_configs/zero3.json",
+                "--device",
+                "cpu",
+            ]
+        ),
+        ("--device", "ZeRO-3"),
+    ),
+    (
+        "generate --dtype half",
+        lambda w: run_entry(["launch/generate.py", "--run-dir", w["run"], "--dtype", "half", "hello"]),
+        ("--dtype", "half"),
+    ),
+    (
+        "generate --device gpu",
+        lambda w: run_entry(["launch/generate.py", "--run-dir", w["run"], "--device", "gpu", "hello"]),
+        ("--device", "gpu"),
+    ),
+    (
         "generate --max-new-tokens -1",
         lambda w: run_entry(["launch/generate.py", "--run-dir", w["run"], "--max-new-tokens", "-1", "hello"]),
         ("--max-new-tokens",),

@@ -1,5 +1,6 @@
 // Fused CPU kernel of one layer's HyCAM after its joint projection proj = x [W_shared; A_k; router],
-// forward and backward (layer_forward / layer_backward at the bottom):
+// forward and backward (layer_forward / layer_backward at the bottom; layer_infer, for decoding,
+// computes the projection too):
 //
 //   mid_k = (A_k x) N_k,   w = softmax((logits + gumbel) / tau),   probs = softmax(logits),
 //   out = residual + target * A,   A = SiLU(u) + sum_k w_k SiLU(z_k),   z_k = mid_k (scale B_k)
@@ -622,9 +623,16 @@ Rows<T> columns_of(const at::Tensor& proj, int64_t col) {
 // empty (no sampling). Returns out, weights (the router's soft weights), probs (softmax of the
 // logits, for the balance loss), mid and mix (saved for backward), and the summed |SiLU(u)| and
 // |sum_k w_k SiLU(z_k)| (float64 scalars, for the statistics).
-std::vector<at::Tensor> layer_forward(at::Tensor residual, at::Tensor target, at::Tensor proj, at::Tensor n,
-                                      at::Tensor b, at::Tensor noise, int64_t u_col, int64_t low_col, int64_t logit_col,
-                                      double tau, double scale, bool hard, int64_t chunk_elements) {
+//
+// scale_b: B is scaled once per call, a copy every chunk of thousands of training rows reuses;
+// otherwise each chunk's z = mid B is scaled after the products, as the paper writes it
+// (decoding: a few rows, where writing the scaled copy of every B_k costs more than the
+// products). The two orders agree to the bit when scale is a power of two (alpha / rank = 4 at
+// the defaults), else to rounding.
+std::vector<at::Tensor> modulate_rows(const at::Tensor& residual, const at::Tensor& target, const at::Tensor& proj,
+                                      const at::Tensor& n, const at::Tensor& b, const at::Tensor& noise, int64_t u_col,
+                                      int64_t low_col, int64_t logit_col, double tau, double scale, bool hard,
+                                      int64_t chunk_elements, bool scale_b) {
   const Layout layout{u_col, low_col, logit_col};
   check_layer(residual, target, proj, n, b, layout);
   const int64_t rows = target.size(0), d = target.size(1), experts = b.size(0), rank = b.size(1);
@@ -637,12 +645,16 @@ std::vector<at::Tensor> layer_forward(at::Tensor residual, at::Tensor target, at
   auto mid = at::empty({rows, experts, rank}, target.options());
   auto weights = at::empty({rows, experts}, target.options());
   auto probs = at::empty_like(weights), mix = at::empty_like(weights);
-  auto scaled_b = b * scale;
+  const auto products_b = scale_b ? b * scale : b;
   std::vector<double> sums(2 * row_ranges(rows), 0.0);
   AT_DISPATCH_FLOATING_TYPES(target.scalar_type(), "hycam_layer_forward", [&] {
     route_rows<scalar_t>(proj, layout, n, noise, static_cast<scalar_t>(tau), hard, mid, weights, probs, mix);
-    for_each_chunk<scalar_t>(mid, scaled_b, chunk_elements,
+    for_each_chunk<scalar_t>(mid, products_b, chunk_elements,
                              [&](int64_t range, int64_t first, int64_t count, scalar_t* z) {
+      if (!scale_b) {
+        const scalar_t s = static_cast<scalar_t>(scale);
+        for (int64_t i = 0, size = experts * count * d; i < size; ++i) z[i] *= s;
+      }
       forward_rows<scalar_t>(first, count, d, experts, z, mix.data_ptr<scalar_t>(), rows_of<scalar_t>(residual),
                              rows_of<scalar_t>(target), columns_of<scalar_t>(proj, u_col), rows_of<scalar_t>(out),
                              sums.data() + 2 * range);
@@ -655,6 +667,36 @@ std::vector<at::Tensor> layer_forward(at::Tensor residual, at::Tensor target, at
   }
   auto opts = at::TensorOptions().dtype(at::kDouble);
   return {out, weights, probs, mid, mix, at::full({}, shared_sum, opts), at::full({}, spec_sum, opts)};
+}
+
+std::vector<at::Tensor> layer_forward(at::Tensor residual, at::Tensor target, at::Tensor proj, at::Tensor n,
+                                      at::Tensor b, at::Tensor noise, int64_t u_col, int64_t low_col, int64_t logit_col,
+                                      double tau, double scale, bool hard, int64_t chunk_elements) {
+  return modulate_rows(residual, target, proj, n, b, noise, u_col, low_col, logit_col, tau, scale, hard,
+                       chunk_elements, /*scale_b=*/true);
+}
+
+// Inference of one layer from x itself: its projection (one product per weight, the outputs side
+// by side without padding: concatenating the weights would copy all of them) and layer_forward.
+// Why: a decoding step hands over one token row per sequence, and the dozen torch calls from
+// Python this replaces cost several times their arithmetic there. No autograd: the caller takes
+// this path only when nothing needs a gradient. Returns out, weights, probs, proj and the two
+// sums of layer_forward; z = mid B is scaled after the products (see modulate_rows).
+std::vector<at::Tensor> layer_infer(at::Tensor x, at::Tensor residual, at::Tensor target,
+                                    std::optional<at::Tensor> w_shared, std::optional<at::Tensor> b_shared,
+                                    at::Tensor spec_a, at::Tensor router_w, std::optional<at::Tensor> router_b,
+                                    at::Tensor n, at::Tensor b, at::Tensor noise, double tau, double scale, bool hard,
+                                    int64_t chunk_elements) {
+  at::NoGradGuard no_grad;
+  std::vector<at::Tensor> parts;
+  if (w_shared) parts.push_back(at::linear(x, *w_shared, b_shared));
+  parts.push_back(at::linear(x, spec_a));
+  parts.push_back(at::linear(x, router_w, router_b));
+  auto proj = at::cat(parts, 1);
+  const int64_t low_col = w_shared ? x.size(1) : 0, logit_col = low_col + b.size(0) * b.size(1);
+  auto result = modulate_rows(residual, target, proj, n, b, noise, w_shared ? 0 : -1, low_col, logit_col, tau, scale,
+                              hard, chunk_elements, /*scale_b=*/false);
+  return {result[0], result[1], result[2], proj, result[5], result[6]};
 }
 
 // Returns grad_target, grad_proj (every column written: u, A_k x, logits, zeros in the padding),
@@ -714,4 +756,5 @@ std::vector<at::Tensor> layer_backward(at::Tensor grad_out, at::Tensor grad_weig
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("layer_forward", &layer_forward, "HyCAM routing + modulation of one layer, forward (CPU, fused)");
   m.def("layer_backward", &layer_backward, "HyCAM routing + modulation of one layer, backward (CPU, fused)");
+  m.def("layer_infer", &layer_infer, "HyCAM of one layer from its input, without autograd (CPU, fused)");
 }
