@@ -16,19 +16,20 @@ per rank is fixed, so the total grows with the ranks.
     DeepSpeed resume   engine.load_checkpoint on a fresh engine
     ours, resume       the trainer's resume: each rank reads, hashes and screens its share once,
                        rank 0 lists the directory, DeepSpeed loads the screened objects
-    before             the scheme ours replaced: rank 0 hashed every rank's files at save; at
-                       resume every rank hashed the whole checkpoint and screened every .pt file,
+    before             the scheme ours replaced: rank 0 hashed every rank's files at save (sha256);
+                       at resume every rank hashed the whole checkpoint and screened every .pt file,
                        then DeepSpeed read its own files again
 
 Times are the job's (the slowest rank, between barriers), medians over --repeats, the three sides
 rotating which goes first. Files stay in the page cache between writing and reading, for every
-side alike. The last column is sha256 alone over one rank's files (read from the page cache): the
-least that any sha256 manifest adds, against which to read the ratios.
+side alike. The last columns are the manifest's checksum (XXH3-128) and sha256 alone over one rank's
+files (read from the page cache): the least that a manifest of each kind adds to a resume.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -51,9 +52,9 @@ sys.path.insert(0, str(REPO))
 
 from hycam_ds.engine import checkpoint_shares as shares  # noqa: E402
 from hycam_ds.engine import checkpointing as ckpt  # noqa: E402
+from hycam_ds.engine import checksums  # noqa: E402
 from hycam_ds.engine.ds_config import load_ds_config, resolve_ds_config  # noqa: E402
 from hycam_ds.engine.train_config import TrainConfig  # noqa: E402
-from hycam_ds.modeling.fileio import sha256_file  # noqa: E402
 
 BYTES_PER_PARAMETER = 12  # fp32 master weight + Adam's two moments
 SIDES = ["ds", "ours", "before"]
@@ -94,6 +95,17 @@ def ours_save(engine, root: Path, step: int, rank: int) -> None:
         ckpt.publish(root, step, keep_last=10**6, files=merged)
 
 
+@contextlib.contextmanager
+def recording(algorithm: str):
+    """Manifests written and checked with `algorithm` (the scheme before recorded sha256)."""
+    recorded, checksums.RECORDED = checksums.RECORDED, algorithm
+    try:
+        yield
+    finally:
+        checksums.RECORDED = recorded
+
+
+@recording("sha256")
 def before_save(engine, root: Path, step: int, rank: int) -> None:
     """The scheme this replaced: DeepSpeed's plain save, then rank 0 hashes every rank's files."""
     stage = ckpt.staging_dir(root, step)
@@ -107,6 +119,7 @@ def before_save(engine, root: Path, step: int, rank: int) -> None:
         ckpt.publish(root, step, keep_last=10**6)  # no parts: hashes every file
 
 
+@recording("sha256")
 def before_resume(engine, checkpoint: Path) -> None:
     """The scheme this replaced: every rank hashes the whole checkpoint and screens every rank's .pt
     files, then DeepSpeed reads and unpickles its own files again."""
@@ -116,9 +129,10 @@ def before_resume(engine, checkpoint: Path) -> None:
     ds_resume(engine, checkpoint)
 
 
-def hash_files(paths: list[Path]) -> None:
-    for path in paths:
-        sha256_file(path)
+def hash_files(paths: list[Path], algorithm: str) -> None:
+    with recording(algorithm):
+        for path in paths:
+            checksums.entry_of_file(path)
 
 
 def ds_resume(engine, directory: Path) -> None:
@@ -149,7 +163,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str)
     layers = max(1, round(args.mb_per_rank * 1e6 * world / (BYTES_PER_PARAMETER * args.hidden**2)))
     root = Path(out) / f"world{world}"
     times: dict[str, list[float]] = {f"{side}_{what}": [] for side in SIDES for what in ("save", "resume")}
-    times["sha256"] = []
+    times["checksum"], times["sha256"] = [], []
     engine = build_engine(layers, args.hidden, ds_config)
     sizes = []
     for r in range(args.repeats):
@@ -174,7 +188,8 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str)
             fresh.destroy()
         mine = sorted((dirs["ds"] / ckpt.ENGINE_TAG).glob(f"*rank_{rank}_*"))
         sizes = [p.stat().st_size for p in mine]
-        times["sha256"].append(timed(partial(hash_files, mine)))  # sha256 alone: the floor under a sha256 manifest
+        for algorithm, column in ((checksums.RECORDED, "checksum"), ("sha256", "sha256")):
+            times[column].append(timed(partial(hash_files, mine, algorithm)))  # the floor under such a manifest
         torch.distributed.barrier()
         if rank == 0:
             shutil.rmtree(root, ignore_errors=True)
@@ -212,9 +227,9 @@ def main() -> None:
     print("the size per rank is fixed: a job's time should not grow with its ranks (while each has a core)")
     for what, before in (("save", "rank 0 hashes all"), ("resume", "every rank checks all")):
         print()
-        extra = " sha256 of one rank's files |" if what == "resume" else ""
+        extra = " XXH3 of one rank's files | sha256 of them |" if what == "resume" else ""
         print(f"| ranks | MB per rank | DeepSpeed {what} | ours | ratio | before: {before} | ratio |{extra}")
-        print("|---" * (7 + bool(extra)) + "|")
+        print("|---" * (7 + 2 * bool(extra)) + "|")
         for row in rows:
             t = {name: statistics.median(values) for name, values in row["times"].items()}
             ds, ours, old = t[f"ds_{what}"], t[f"ours_{what}"], t[f"before_{what}"]
@@ -226,7 +241,7 @@ def main() -> None:
                 f"{ours / ds:.2f}x",
                 f"{old:.2f}",
                 f"{old / ds:.2f}x",
-            ] + ([f"{t['sha256']:.2f}"] if extra else [])
+            ] + ([f"{t['checksum']:.2f}", f"{t['sha256']:.2f}"] if extra else [])
             print("| " + " | ".join(cells) + " |")
 
 

@@ -7,7 +7,7 @@ scripts, ZeRO-2's model-states file) is shared, written by rank 0 and small.
 
 Saving: while DeepSpeed saves, its checkpoint engine is wrapped (`HashingWrites`): each file is
 hashed as torch.save hands its bytes to the disk and fsynced by the rank that wrote it, so nothing
-is read back. Each rank's part of the manifest ({path: {bytes, sha256}}) is gathered on rank 0, which
+is read back. Each rank's part of the manifest ({path: {bytes, checksum}}) is gathered on rank 0, which
 merges the parts (`checkpointing.publish`).
 
 Resuming: each rank reads the files it loads once each (`verify_share`): the bytes are checked
@@ -21,7 +21,6 @@ load. Rank 0 also lists the directory and refuses a file the manifest does not n
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import re
@@ -32,7 +31,7 @@ from typing import Any, Iterable
 import torch
 from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
-from ..modeling.fileio import sha256_file
+from . import checksums
 from .checkpointing import ENGINE_TAG, TRAINER_STATE, CheckpointError, inside
 from .distributed import gather_to_rank0
 
@@ -97,14 +96,14 @@ class HashingWrites:
         rel = str(Path(path).resolve().relative_to(self.stage))
         if not isinstance(self.inner, TorchCheckpointEngine):  # an engine of its own (asynchronous, remote)
             self.inner.save(state_dict, path)
-            self.files[rel] = {"bytes": Path(path).stat().st_size, "sha256": sha256_file(Path(path))}
+            self.files[rel] = checksums.entry_of_file(Path(path))
             return
         with open(path, "wb") as f, ThreadPoolExecutor(1) as pool:
             hashing = _HashingFile(f, pool)
             self.inner.save(state_dict, hashing)  # torch.save into a file object: tensors arrive as memoryviews
             f.flush()
             os.fsync(f.fileno())  # the rank that wrote a file makes it durable (on a shared file system too)
-        self.files[rel] = {"bytes": hashing.size, "sha256": hashing.digest.hexdigest()}
+        self.files[rel] = checksums.entry(hashing.size, hashing.digest.hexdigest())
 
     def __getattr__(self, name):
         if name == "inner":  # not entered yet
@@ -118,7 +117,7 @@ class _HashingFile:
 
     def __init__(self, file, pool: ThreadPoolExecutor):
         self.file, self.pool = file, pool
-        self.digest, self.size = hashlib.sha256(), 0
+        self.digest, self.size = checksums.new_hasher(), 0
 
     def write(self, data) -> int:
         nbytes = memoryview(data).nbytes
@@ -168,7 +167,7 @@ def screen(path: Path, data: bytes | memoryview) -> Any:
 
 
 def verify_share(checkpoint: Path, manifest: dict[str, Any], rels: Iterable[str]) -> dict[str, Any]:
-    """Read each file of `rels` once: its size and sha256 must match the manifest, and a .pt file
+    """Read each file of `rels` once: its size and checksum must match the manifest, and a .pt file
     must pass `screen` (a thread hashes the bytes while they are unpickled; a mismatch is reported
     first). Returns {rel: the unpickled object of a .pt file, the bytes of any other}."""
     loaded = {}
@@ -176,7 +175,7 @@ def verify_share(checkpoint: Path, manifest: dict[str, Any], rels: Iterable[str]
         for rel in rels:
             meta, path = manifest["files"][rel], inside(checkpoint, rel)
             try:
-                data, digest = _read_hashing(path, pool)
+                data, matches = _read_checking(path, meta, pool)
             except FileNotFoundError:
                 raise CheckpointError(f"{path}: missing from checkpoint") from None
             value, refusal = data, None
@@ -185,7 +184,7 @@ def verify_share(checkpoint: Path, manifest: dict[str, Any], rels: Iterable[str]
                     value = screen(path, data)
                 except CheckpointError as err:
                     refusal = err
-            if len(data) != meta["bytes"] or digest.result() != meta["sha256"]:
+            if not matches.result():
                 raise CheckpointError(f"{path}: does not match the checkpoint manifest (damaged or modified)")
             if refusal is not None:
                 raise refusal
@@ -193,11 +192,11 @@ def verify_share(checkpoint: Path, manifest: dict[str, Any], rels: Iterable[str]
     return loaded
 
 
-def _read_hashing(path: Path, pool: ThreadPoolExecutor) -> tuple[bytes, Future]:
-    """A file's bytes, read whole (one allocation, no copy after), and the future of their sha256,
-    computed by `pool`'s thread while the caller unpickles them (hashlib releases the GIL)."""
+def _read_checking(path: Path, meta: dict[str, Any], pool: ThreadPoolExecutor) -> tuple[bytes, Future]:
+    """A file's bytes, read whole (one allocation, no copy after), and the future of whether they
+    match `meta`, computed by `pool`'s thread while the caller unpickles them (hashing releases the GIL)."""
     data = path.read_bytes()
-    return data, pool.submit(lambda: hashlib.sha256(data).hexdigest())
+    return data, pool.submit(checksums.bytes_match, meta, data)
 
 
 def screen_directory(directory: Path) -> dict[str, Any]:

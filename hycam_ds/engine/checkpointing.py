@@ -5,7 +5,7 @@
             engine/             DeepSpeed's files (trainable parameters, optimizer, scheduler)
             trainer_state.json  step, world size, data reader position, Gumbel noise counters, config
             rng/rank_00000.json python, numpy and torch RNG states of each rank
-            manifest.json       size and sha256 of every file above, written last
+            manifest.json       size and checksum (checksums.py) of every file above, written last
         latest                  the name of the newest complete checkpoint, replaced atomically
 
 Every rank writes into `.staging-step_XXXXXXXX` and hashes the files it wrote (checkpoint_shares);
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import base64
 import errno
-import hashlib
 import json
 import random
 import re
@@ -39,7 +38,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..modeling.fileio import replace_directory, sha256_file, write_bytes_atomic, write_json_atomic, write_text_atomic
+from ..modeling.fileio import replace_directory, write_bytes_atomic, write_json_atomic, write_text_atomic
+from . import checksums
 
 CHECKPOINT_NAME = re.compile(r"^step_(\d{8})$")
 POINTER = "latest"
@@ -97,7 +97,7 @@ def write_rank_files(stage: Path, rank: int, trainer_state: dict[str, Any] | Non
     for rel, value in files.items():
         data = json.dumps(value, indent=2, sort_keys=True).encode()
         write_bytes_atomic(stage / rel, data)
-        part[rel] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        part[rel] = checksums.entry_of_bytes(data)
     return part
 
 
@@ -119,7 +119,7 @@ def publish(
         rel = str(path.relative_to(stage))
         entry = named.pop(rel, None)
         if entry is None:
-            entry = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+            entry = checksums.entry_of_file(path)
         elif entry["bytes"] != path.stat().st_size:
             raise OSError(errno.EIO, "its size is not what its rank wrote", str(path))
         entries[rel] = entry
@@ -166,11 +166,8 @@ def read_manifest(checkpoint: Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{manifest_path}: unreadable ({err})") from None
     files = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(files, dict) or not all(
-        isinstance(meta, dict) and isinstance(meta.get("bytes"), int) and isinstance(meta.get("sha256"), str)
-        for meta in files.values()
-    ):
-        raise CheckpointError(f"{manifest_path}: not a checkpoint manifest (no files with bytes and sha256)")
+    if not isinstance(files, dict) or not all(checksums.algorithm(meta) for meta in files.values()):
+        raise CheckpointError(f"{manifest_path}: not a checkpoint manifest (no files with bytes and a checksum)")
     for rel in files:
         inside(checkpoint, rel)
     return manifest
@@ -192,7 +189,7 @@ def verify(checkpoint: Path) -> dict[str, Any]:
         path = inside(checkpoint, rel)
         if not path.is_file():
             raise CheckpointError(f"{path}: missing from checkpoint")
-        if path.stat().st_size != meta["bytes"] or sha256_file(path) != meta["sha256"]:
+        if not checksums.file_matches(meta, path):
             raise CheckpointError(f"{path}: does not match the checkpoint manifest (damaged or modified)")
     check_listing(checkpoint, manifest)
     return manifest

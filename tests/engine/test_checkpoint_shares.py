@@ -13,6 +13,7 @@ import torch
 
 from hycam_ds.engine import checkpoint_shares as shares
 from hycam_ds.engine import checkpointing as ckpt
+from hycam_ds.engine import checksums
 from hycam_ds.engine.train_config import TrainConfig
 
 ZERO3 = [
@@ -63,7 +64,7 @@ def test_a_file_is_hashed_as_deepspeed_writes_it(tmp_path):
 
 
 def _entry(data: bytes) -> dict:
-    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return checksums.entry_of_bytes(data)
 
 
 def test_publish_merges_the_ranks_parts_and_hashes_what_no_part_names(tmp_path):
@@ -74,11 +75,11 @@ def test_publish_merges_the_ranks_parts_and_hashes_what_no_part_names(tmp_path):
         (stage / rel).parent.mkdir(parents=True, exist_ok=True)
         (stage / rel).write_bytes(data)
     parts = {rel: _entry(data) for rel, data in files.items() if rel.endswith(".pt")}
-    parts["engine/zero_pp_rank_1_x.pt"]["sha256"] = "0" * 64  # what the rank said is what goes in
+    parts["engine/zero_pp_rank_1_x.pt"][checksums.RECORDED] = "0" * 32  # what the rank said is what goes in
     published = ckpt.publish(root, 4, keep_last=2, files=parts)
     manifest = json.loads((published / ckpt.MANIFEST).read_text())["files"]
     assert manifest["zero_to_fp32.py"] == _entry(b"#"), "rank 0 hashes the files no part names"
-    assert manifest["engine/zero_pp_rank_1_x.pt"]["sha256"] == "0" * 64, "a rank's part is not hashed again"
+    assert manifest["engine/zero_pp_rank_1_x.pt"][checksums.RECORDED] == "0" * 32, "a rank's part is not hashed again"
     stage.mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="missing from the staging directory"):
         ckpt.publish(root, 6, keep_last=2, files={"engine/zero_pp_rank_1_x.pt": _entry(b"one")})
@@ -114,7 +115,7 @@ def test_verify_share_reads_once_checks_the_manifest_first_and_screens_pickles(t
     assert torch.equal(loaded["a.pt"]["w"], torch.arange(3.0)) and loaded["state.json"] == b"{}"
     with pytest.raises(ckpt.CheckpointError, match="evil.pt: refused, not plain tensor data"):
         shares.verify_share(checkpoint, manifest, ["evil.pt"])  # the manifest matches: the screen refuses it
-    manifest["files"]["evil.pt"]["sha256"] = "f" * 64
+    manifest["files"]["evil.pt"][checksums.RECORDED] = "f" * 32
     with pytest.raises(ckpt.CheckpointError, match="evil.pt: does not match the checkpoint manifest"):
         shares.verify_share(checkpoint, manifest, ["evil.pt"])
     assert not marker.exists(), "a pickle offered as a checkpoint was executed"
@@ -124,6 +125,25 @@ def test_verify_share_reads_once_checks_the_manifest_first_and_screens_pickles(t
     (checkpoint / ckpt.MANIFEST).write_text(json.dumps({"files": {"../../outside": _entry(b"")}}))
     with pytest.raises(ckpt.CheckpointError, match="points outside the checkpoint"):
         ckpt.read_manifest(checkpoint)
+
+
+def test_a_manifest_written_before_the_checksum_changed_still_verifies(tmp_path):
+    """Manifests once recorded sha256: a checkpoint saved then resumes, and is still checked."""
+    tensors = io.BytesIO()
+    torch.save({"w": torch.arange(3.0)}, tensors)
+    files = {"a.pt": tensors.getvalue(), "trainer_state.json": b'{"step": 2}'}
+    checkpoint, _ = _checkpoint(tmp_path, files)
+    old = {rel: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()} for rel, data in files.items()}
+    (checkpoint / ckpt.MANIFEST).write_text(json.dumps({"step": 2, "files": old}))
+    manifest = ckpt.verify(checkpoint)
+    loaded = shares.verify_share(checkpoint, manifest, sorted(files))
+    assert torch.equal(loaded["a.pt"]["w"], torch.arange(3.0))
+    assert checksums.entry_of_file(checkpoint / "a.pt") == checksums.entry_of_bytes(files["a.pt"])
+    (checkpoint / "a.pt").write_bytes(files["a.pt"][:-1] + b"!")  # same size, one byte changed
+    with pytest.raises(ckpt.CheckpointError, match="a.pt: does not match the checkpoint manifest"):
+        ckpt.verify(checkpoint)
+    with pytest.raises(ckpt.CheckpointError, match="a.pt: does not match the checkpoint manifest"):
+        shares.verify_share(checkpoint, manifest, ["a.pt"])
 
 
 def test_deepspeed_is_handed_only_screened_objects(tmp_path):
