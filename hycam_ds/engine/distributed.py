@@ -236,18 +236,21 @@ def launcher_rank() -> int:
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """A summed copy of `tensor` over all ranks (the tensor itself with one process)."""
-    tensor = tensor.clone()
-    if rank_and_world()[1] > 1:
-        dist.all_reduce(tensor)
-    return tensor
+    """A summed copy of `tensor` over all ranks, on `tensor`'s device. The reduction itself runs on
+    the backend's device (a host tensor goes through the GPU under NCCL, which reduces CUDA only)."""
+    if rank_and_world()[1] == 1:
+        return tensor.clone()
+    reduced = tensor.to(_collective_device(), copy=True)
+    dist.all_reduce(reduced)
+    return reduced.to(tensor.device)
 
 
 def all_reduce_max(value: int) -> int:
     """The largest `value` over all ranks."""
-    tensor = torch.tensor([value], dtype=torch.int64)
-    if rank_and_world()[1] > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    if rank_and_world()[1] == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=_collective_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return int(tensor[0])
 
 

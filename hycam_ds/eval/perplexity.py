@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..engine.distributed import all_reduce_max, all_reduce_sum, rank_and_world
-from ..engine.lm_loss import perplexity
+from ..engine.lm_loss import packed_token_losses, perplexity
 from .settings import EvalSettings
 
 
@@ -39,8 +39,9 @@ def general_text_blocks(tokenizer, text_dir: str, max_tokens: int, seq_len: int)
     return torch.tensor(ids[: blocks * seq_len], dtype=torch.int64).view(blocks, seq_len)
 
 
-def general_perplexity(forward, blocks: torch.Tensor, batch_size: int, device) -> float:
-    """Perplexity of contiguous text blocks, split across ranks, reduced."""
+def general_perplexity(model, blocks: torch.Tensor, batch_size: int, device) -> float:
+    """Perplexity of contiguous text blocks, split across ranks, reduced. Each block is one document
+    whose every next token is scored, through the training loss's path (no fp32 logits)."""
     rank, world = rank_and_world()
     mine = blocks[rank::world]
     calls = all_reduce_max(math.ceil(len(mine) / batch_size))
@@ -49,12 +50,14 @@ def general_perplexity(forward, blocks: torch.Tensor, batch_size: int, device) -
         for call in range(calls):
             chunk = mine[call * batch_size : (call + 1) * batch_size]
             real = len(chunk) > 0
-            chunk = chunk if real else blocks[:1]
-            logits = forward(input_ids=chunk.to(device), use_cache=False).logits
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().transpose(1, 2), chunk[:, 1:].to(device), reduction="sum"
-            )
+            losses, mask = packed_token_losses(model, text_batch(chunk if real else blocks[:1]), device)
             if real:
-                sums += torch.tensor([float(loss), chunk[:, 1:].numel()], dtype=torch.float64)
+                sums += torch.tensor([float(losses.double().sum()), float(mask.sum())], dtype=torch.float64)
     sums = all_reduce_sum(sums)
     return perplexity(float(sums[0]), float(sums[1]))
+
+
+def text_batch(blocks: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Blocks of text [B, L] as packed rows of one document each, every token a target."""
+    positions = torch.arange(blocks.shape[1]).expand_as(blocks)
+    return {"input_ids": blocks, "labels": blocks, "position_ids": positions, "segment_ids": torch.ones_like(blocks)}
