@@ -13,12 +13,12 @@ from typing import Any, Literal
 
 Routing = Literal["soft", "hard"]
 EvalRouting = Literal["softmax", "argmax", "sample"]
-Site = Literal["attention", "residual"]
+Site = Literal["attention", "residual", "ffn"]
 
 _CHOICES = {
     "routing": ("soft", "hard"),
     "eval_routing": ("softmax", "argmax", "sample"),
-    "site": ("attention", "residual"),
+    "site": ("attention", "residual", "ffn"),
 }
 
 
@@ -58,7 +58,9 @@ class HyCAMConfig:
 
     site: Site = "attention"
     """Where the modulation applies. "attention" = the paper: h_att + h_att * A.
-    "residual" = the authors' code: (h_in + h_att) * (1 + A), h_in being the layer's input."""
+    "residual" = the authors' code: (h_in + h_att) * (1 + A), h_in being the layer's input.
+    "ffn" = beyond the paper: the MLP's output, h_mlp + h_mlp * A, A computed from the MLP's
+    normalised input (the same modules, wrapped around the MLP instead of the attention)."""
 
     train_router: bool = True
     """Train the router. False freezes it at its random init, as the authors' code does."""

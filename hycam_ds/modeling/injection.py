@@ -23,10 +23,17 @@ class FamilyLayout:
     """Attribute of a decoder layer holding its self-attention module."""
     input_norm: str = "input_layernorm"
     """Attribute of a decoder layer holding the norm applied before attention (for site=residual)."""
+    mlp: str = "mlp"
+    """Attribute of a decoder layer holding its feed-forward block (for site=ffn)."""
+
+    def wrapped(self, site: str) -> str:
+        """The attribute of a decoder layer whose module HyCAM wraps at `site`."""
+        return self.mlp if site == "ffn" else self.attention
 
 
 # The one table of per-family knowledge. A family whose decoder layer is
-# `h = h + attn(norm(h)); h = h + mlp(norm(h))` with these names needs only a row here.
+# `h = h + self_attn(input_layernorm(h)); h = h + mlp(post_attention_layernorm(h))` with these
+# names needs only a row here.
 FAMILY_LAYOUTS: dict[str, FamilyLayout] = {
     "llama": FamilyLayout(),
     "mistral": FamilyLayout(),
@@ -64,7 +71,8 @@ def _capture_token_mask(module: nn.Module, args: tuple, kwargs: dict) -> None:
 
 
 def apply_hycam(model: nn.Module, config: HyCAMConfig | None = None) -> nn.Module:
-    """Wrap every decoder layer's attention of a Hugging Face causal LM with HyCAM, in place.
+    """Wrap every decoder layer's attention (config.site="ffn": its MLP) of a Hugging Face causal LM
+    with HyCAM, in place.
 
     Freezes the whole backbone; only HyCAM parameters (the router's too, unless
     config.train_router is False) are trainable. Returns the same model object."""
@@ -83,9 +91,10 @@ def apply_hycam(model: nn.Module, config: HyCAMConfig | None = None) -> nn.Modul
         # Created on the backbone's device in fp32 then cast: training keeps master weights in the
         # dtype the trainer chooses (DeepSpeed casts under bf16); eval-only users get matching dtypes.
         hycam.to(device=reference.device, dtype=reference.dtype if reference.is_floating_point() else None)
-        wrapper = HyCAMAttention(getattr(layer, layout.attention), hycam, state)
+        site = layout.wrapped(config.site)
+        wrapper = HyCAMAttention(getattr(layer, site), hycam, state)
         wrapper.train(layer.training)  # new modules start in train mode; follow the model's mode
-        setattr(layer, layout.attention, wrapper)
+        setattr(layer, site, wrapper)
         if config.site == "residual":
             setattr(layer, layout.input_norm, LayerInputTap(getattr(layer, layout.input_norm), wrapper))
         for param in hycam.parameters():

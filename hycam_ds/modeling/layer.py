@@ -1,10 +1,12 @@
-"""HyCAM modules of one decoder layer, and the wrapper that puts them on its attention module.
+"""HyCAM modules of one decoder layer, and the wrapper that puts them on its attention module
+(or, site="ffn", on its MLP).
 
     A      = SiLU(x W_shared) + sum_k p_k SiLU(scale * B_k(N_k(A_k(x))))
     h_out  = h_att + h_att * A                  (site="attention", the paper)
     h_out  = h_att + (h_in + h_att) * A         (site="residual", the authors' code: after the
                                                  layer adds h_in, that is (h_in + h_att)(1 + A))
-x is the attention module's input (the normalised hidden state), p the router's weights.
+    h_out  = h_mlp + h_mlp * A                  (site="ffn": the MLP's output instead of h_att)
+x is the wrapped module's input (the normalised hidden state), p the router's weights.
 reference.py states the same plainly; the modules here compute it through hycam_ds.kernels.
 """
 
@@ -111,7 +113,7 @@ class HyCAMModulation(nn.Module):
         cfg, state = self.config, self._state
         shape = h_att.shape
         x2, h2 = x.reshape(-1, shape[-1]), h_att.reshape(-1, shape[-1])
-        target = h2 if cfg.site == "attention" else h2 + h_in.reshape(-1, shape[-1])
+        target = h2 + h_in.reshape(-1, shape[-1]) if cfg.site == "residual" else h2
         if self.layout is None:  # shared CAM alone: no experts to route
             shared = F.silu(cpu_gemm.linear(x2, self.shared_weight, self.shared_bias))
             self.last_magnitudes = (
@@ -168,7 +170,8 @@ class LayerInputTap(nn.Module):
 
 
 class HyCAMAttention(nn.Module):
-    """Wraps any family's attention module: calls it first, then modulates its output."""
+    """Wraps any family's attention module (or, site="ffn", its MLP): calls it first, then
+    modulates its output. Its input, as the module receives it, is x."""
 
     def __init__(self, base_layer: nn.Module, hycam: HyCAMModulation, state: HyCAMState):
         super().__init__()

@@ -9,6 +9,7 @@ h_att [..., d] its output and h_in [..., d] the layer's input:
     A      = SiLU(x W_shared^T (+ b_shared)) + sum_k mix_k SiLU(scale * ((x A_k^T) N_k) B_k)
     h_out  = h_att + h_att * A                       site="attention" (the paper)
     h_out  = h_att + (h_in + h_att) * A              site="residual" (the authors' code)
+    h_out  = h_mlp + h_mlp * A                       site="ffn" (the MLP's output; x its normalised input)
 
 with the parameters of HyCAMModulation: W_shared = shared_weight [d, d] (applied as nn.Linear,
 x W^T), A_k = rows k*r..(k+1)*r of spec_a [N*r, d] (also x A_k^T), N_k = spec_n[k] [r, r] and
@@ -64,7 +65,8 @@ def reference_equation(
     """h_out = h_att + target * A for one layer (equation in the module docstring), from its parameters
     by name (those of HyCAMModulation.named_parameters(): shared_weight, shared_bias, spec_a, spec_n,
     spec_b, router_weight, router_bias; absent names are absent terms). target = h_att for
-    site="attention", h_in + h_att for site="residual". noise: Gumbel noise [..., N] or None.
+    site="attention" (and h_mlp for site="ffn", which passes the MLP's output as h_att), h_in + h_att
+    for site="residual". noise: Gumbel noise [..., N] or None.
 
     Returns (h_out, weights, probs); weights and probs are None without experts."""
     shared_weight, spec_a = params.get("shared_weight"), params.get("spec_a")
@@ -81,7 +83,7 @@ def reference_equation(
             a_k = spec_a[k * rank : (k + 1) * rank]  # [r, d], applied as x A_k^T
             z_k = ((x @ a_k.t()) @ spec_n[k]) @ spec_b[k]
             a = a + mix[..., k : k + 1] * F.silu(scale * z_k)
-    if site == "attention":
+    if site in ("attention", "ffn"):  # the wrapped module's own output
         target = h_att
     elif site == "residual":
         if h_in is None:

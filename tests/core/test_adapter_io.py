@@ -42,6 +42,23 @@ def test_round_trip_gives_identical_logits(tmp_path, family):
     assert torch.equal(again(ids).logits, expected)
 
 
+def test_ffn_site_round_trips_and_is_recorded(tmp_path):
+    """An adapter of site="ffn" records its site; loading wraps the MLPs again, not the attention."""
+    model = _trained_model(site="ffn")
+    ids = torch.randint(0, VOCAB, (2, 6))
+    expected = model(ids).logits
+    directory = H.save_adapter(model, tmp_path / "adapter")
+    assert json.loads((directory / "hycam_config.json").read_text())["site"] == "ffn"
+    assert all(".mlp.hycam." in name for name in json.loads((directory / "manifest.json").read_text())["tensors"])
+    fresh = build_backbone("tiny-llama", VOCAB).eval()
+    H.load_adapter(fresh, directory)
+    assert torch.equal(fresh(ids).logits, expected)
+    assert not any(name.startswith("model.layers.0.self_attn.hycam") for name, _ in fresh.named_parameters())
+    at_attention = H.apply_hycam(build_backbone("tiny-llama", VOCAB), H.HyCAMConfig(site="attention"))
+    with pytest.raises(H.AdapterError, match="site"):
+        H.load_adapter(at_attention, directory)
+
+
 def test_overwrite_is_atomic_and_leaves_no_temporaries(tmp_path):
     model = _trained_model()
     H.save_adapter(model, tmp_path / "adapter")

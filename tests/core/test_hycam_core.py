@@ -18,6 +18,7 @@ from hycam_ds.modeling.reference import (
 from hycam_ds.modeling.router import gumbel_noise
 
 FAMILIES = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3"]
+SITES = ["attention", "residual", "ffn"]
 VOCAB = 97
 
 
@@ -34,7 +35,7 @@ def _randomise_hycam(model, seed=1, scale=0.3):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("site", ["attention", "residual"])
+@pytest.mark.parametrize("site", SITES)
 def test_identity_at_init(family, site):
     model = build_backbone(family, VOCAB)
     ids = _ids()
@@ -48,7 +49,7 @@ def test_identity_at_init(family, site):
 
 def _reference_hooks(model, config):
     """The paper's equation written plainly (hycam_ds.modeling.reference), installed as forward
-    hooks on the *unwrapped* attention modules of a second copy of the backbone."""
+    hooks on the *unwrapped* attention modules (site="ffn": MLPs) of a second copy of the backbone."""
     handles, layer_inputs = [], {}
     for index, (layer, hycam) in enumerate(zip(model.model.layers, config["params"])):
 
@@ -58,22 +59,23 @@ def _reference_hooks(model, config):
         def modulate(module, args, kwargs, output, index=index, p=hycam):
             h_out, _, _ = reference_equation(
                 p,
-                kwargs["hidden_states"],
-                output[0],
+                kwargs["hidden_states"] if "hidden_states" in kwargs else args[0],
+                output[0] if isinstance(output, tuple) else output,
                 layer_inputs[index],
                 tau=config["tau"],
                 scale=config["scale"],
                 site=config["site"],
             )
-            return (h_out, *output[1:])
+            return (h_out, *output[1:]) if isinstance(output, tuple) else h_out
 
+        wrapped = layer.mlp if config["site"] == "ffn" else layer.self_attn
         handles.append(layer.register_forward_pre_hook(capture, with_kwargs=True))
-        handles.append(layer.self_attn.register_forward_hook(modulate, with_kwargs=True))
+        handles.append(wrapped.register_forward_hook(modulate, with_kwargs=True))
     return handles
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("site", ["attention", "residual"])
+@pytest.mark.parametrize("site", SITES)
 @pytest.mark.parametrize("shared,bias", [(True, False), (False, True)])
 def test_matches_reference_equation(family, site, shared, bias):
     cfg = H.HyCAMConfig(site=site, shared=shared, bias=bias)
@@ -176,7 +178,7 @@ def test_fused_modulation_with_the_target_as_its_own_residual(kernel):
 
 
 @pytest.mark.parametrize("routing", ["soft", "hard"])
-@pytest.mark.parametrize("site", ["attention", "residual"])
+@pytest.mark.parametrize("site", SITES)
 @pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("length", [9, 3])
@@ -226,8 +228,9 @@ def test_reference_equals_the_model(routing, site, shared, training, length, ker
     assert H.balance_loss(model).item() == pytest.approx(expected_balance, rel=1e-6)
 
 
-def test_training_changes_only_hycam_and_router_learns():
-    model = H.apply_hycam(build_backbone("tiny-llama", VOCAB), H.HyCAMConfig(balance_weight=0.0))
+@pytest.mark.parametrize("site", ["attention", "ffn"])
+def test_training_changes_only_hycam_and_router_learns(site):
+    model = H.apply_hycam(build_backbone("tiny-llama", VOCAB), H.HyCAMConfig(balance_weight=0.0, site=site))
     backbone_before = {n: p.detach().clone() for n, p in model.named_parameters() if ".hycam." not in n}
     hycam_before = {n: p.detach().clone() for n, p in H.hycam_named_parameters(model)}
     trainable = {id(p) for p in H.hycam_parameters(model)}
