@@ -59,7 +59,7 @@ class Method:
 
     @property
     def slug(self) -> str:
-        return self.name.replace(" ", "_").replace("(", "").replace(")", "")
+        return self.name.replace(" ", "_").replace("=", "_").replace("(", "").replace(")", "")
 
 
 # Full fine-tuning moves every weight and wants a far smaller learning rate than the adapters.
@@ -72,6 +72,11 @@ METHODS: dict[str, Method] = {
         Method("cam", ("method=cam",), (1e-3, 3e-4, 3e-3)),
         Method("hycam", ("method=hycam",), (1e-3, 3e-4, 3e-3)),
         Method("hycam (no balance loss)", ("method=hycam", "hycam.balance_weight=0.0"), lr_from="hycam"),
+        # Beyond the paper: fewer and more experts than tasks, and the other modulation sites.
+        Method("hycam (2 experts)", ("method=hycam", "hycam.num_specialized=2"), lr_from="hycam"),
+        Method("hycam (8 experts)", ("method=hycam", "hycam.num_specialized=8"), lr_from="hycam"),
+        Method("hycam (site=ffn)", ("method=hycam", "hycam.site=ffn"), lr_from="hycam"),
+        Method("hycam (site=residual)", ("method=hycam", "hycam.site=residual"), lr_from="hycam"),
     )
 }
 
@@ -84,6 +89,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--backbone-name", help="or a backbone built in code (for smoke tests)")
     parser.add_argument("--recipe", default="data_pipeline/recipes/hycam5.yaml")
     parser.add_argument("--data-root", help="directory the recipe's paths are relative to (../shared/data)")
+    parser.add_argument(
+        "--exclude-tasks",
+        help="comma-separated tasks of the recipe left out of the data build (held out: analyse them with "
+        "launch/analyze_routing.py on a build that has them)",
+    )
     parser.add_argument(
         "--template",
         choices=("alpaca", "chat"),
@@ -183,7 +193,7 @@ def build_data(args: argparse.Namespace, out: Path) -> Path:
         "data_pipeline",
         "build",
         "--recipe",
-        args.recipe,
+        recipe_without(args.recipe, args.exclude_tasks, out) if args.exclude_tasks else args.recipe,
         "--out",
         str(data_dir),
         "--seq-len",
@@ -200,6 +210,27 @@ def build_data(args: argparse.Namespace, out: Path) -> Path:
     print(f"compare.py: building the data into {data_dir} ...", flush=True)
     run(cmd, out / "data.build.log")
     return data_dir
+
+
+def recipe_without(recipe: str, excluded: str, out: Path) -> str:
+    """OUT/recipe.yaml: `recipe` without the tasks named in `excluded` (comma-separated); its own
+    data_root, if any, made absolute so that the copy reads the same files."""
+    import yaml
+
+    path = Path(recipe)
+    raw = yaml.safe_load(path.read_text())
+    names = [name.strip() for name in excluded.split(",") if name.strip()]
+    known = [task["name"] for task in raw["tasks"]]
+    unknown = [name for name in names if name not in known]
+    if unknown or len(names) >= len(known):
+        raise UsageError(f"--exclude-tasks {excluded}: the recipe {recipe} has tasks {known}; leave at least one")
+    raw["tasks"] = [task for task in raw["tasks"] if task["name"] not in names]
+    raw["name"] = f"{raw.get('name', path.stem)}-without-{'-'.join(names)}"
+    if raw.get("data_root"):
+        raw["data_root"] = str((path.parent / raw["data_root"]).resolve())
+    derived = out / "recipe.yaml"
+    derived.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return str(derived)
 
 
 def backbone_ref(args: argparse.Namespace) -> str:

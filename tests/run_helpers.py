@@ -75,3 +75,11 @@ def quick_args(run_dir, data_dir, steps=6, **extra):
         "optim.micro_batch_size=2",
     ]
     return args + [f"{k}={v}" for k, v in extra.items()]
+
+
+def run_checked(cmd, timeout=600, **kwargs) -> subprocess.CompletedProcess:
+    """A command run from the repository with one thread, in its own process group; it must exit 0."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **kwargs.pop("env", {})}
+    result = run_in_own_group(cmd, timeout=timeout, cwd=REPO, env=env, **kwargs)
+    assert result.returncode == 0, f"{' '.join(map(str, cmd))}\n{result.stderr[-5000:]}"
+    return result

@@ -7,12 +7,12 @@ import contextlib
 import math
 from typing import Callable
 
-import numpy as np
 import torch
 
 from ..kernels.cross_entropy import CHUNK_ELEMENTS, chunk_tokens, linear_cross_entropy, rows_cross_entropy
 from ..modeling.injection import FAMILY_LAYOUTS, routed_layers
 from .distributed import all_reduce_max, all_reduce_sum
+from .routing_tally import RoutingTally
 
 
 def packed_token_losses(
@@ -130,15 +130,17 @@ def task_losses(
     seq_len: int,
     device,
     progress: Callable = lambda it, **kw: it,
-) -> tuple[torch.Tensor, dict[int, np.ndarray] | None]:
+    with_routing: bool = True,
+) -> tuple[torch.Tensor, RoutingTally | None]:
     """Sum of response-token losses and token counts per task ([n_tasks, 2], reduced over ranks),
-    and for HyCAM the task x expert mean routing weight per layer. Every rank runs the same number
-    of forwards (ZeRO-3 gathers parameters collectively): one with fewer batches runs padding."""
+    and for HyCAM how each routed layer treated each task's tokens (reduced). Every rank runs the
+    same number of forwards (ZeRO-3 gathers parameters collectively): one with fewer batches runs
+    padding. with_routing=False: losses only (e.g. with HyCAM switched off)."""
     rounds = all_reduce_max(len(batches))
-    layers = routed_layers(module)
+    layers = routed_layers(module) if with_routing else []
     n_experts = layers[0].config.num_specialized if layers else 0  # not the weight's shape: ZeRO-3 partitions it
     sums = torch.zeros(n_tasks, 2, dtype=torch.float64)
-    routing = torch.zeros(len(layers), n_tasks, n_experts + 1, dtype=torch.float64)
+    tally = RoutingTally(len(layers), n_tasks, n_experts)
     with torch.no_grad():
         for i in progress(range(rounds), desc="perplexity", leave=False):
             real = i < len(batches)
@@ -148,15 +150,7 @@ def task_losses(
                 continue
             add_task_sums(sums, losses, mask, batch["task_ids"])
             task_ids = batch["task_ids"].reshape(-1)
-            keep = task_ids >= 0
             for index, layer in enumerate(layers):
-                weights = layer.last_routing["weights"].detach().reshape(-1, n_experts).double().cpu()
-                routing[index, :, :-1].index_add_(0, task_ids[keep], weights[keep])
-                routing[index, :, -1] += torch.bincount(task_ids[keep], minlength=n_tasks).double()
+                tally.add(index, layer.last_routing["weights"].reshape(-1, n_experts), task_ids)
     sums = all_reduce_sum(sums)
-    if not layers:
-        return sums, None
-    routing = all_reduce_sum(routing)
-    return sums, {
-        index: (routing[index, :, :-1] / routing[index, :, -1:].clamp_min(1)).numpy() for index in range(len(layers))
-    }
+    return sums, tally.reduce() if layers else None

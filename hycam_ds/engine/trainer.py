@@ -783,7 +783,7 @@ class Trainer:
         metrics[tags.EVAL_TOKENS] = float(total[1])
         self.telemetry.log(self.step, metrics, kind="eval")
         if routing is not None:
-            self.telemetry.routing_heatmap(self.step, routing, self.tasks)
+            self.telemetry.routing_heatmap(self.step, routing.by_layer(), self.tasks)
         if self.rank == 0:
             log.info(
                 "eval step %d: loss %.4f ppl %.2f | %s",

@@ -164,7 +164,7 @@ def evaluate(
     if settings.general_text:
         report["general_text"] = _general_text(model, spec, tokenizer, settings, ds_config, device, dtype)
     del keepalive
-    return {"report": report, "routing": routing}
+    return {"report": report, "routing": routing.by_layer() if routing is not None else None}
 
 
 def _general_text(model, spec: ModelSpec, tokenizer, settings: EvalSettings, ds_config, device, dtype) -> dict:

@@ -81,3 +81,25 @@ def test_compare_sweep_backbone_row_and_resume(tmp_path):
     assert samples[0] == "| task | reference | backbone | hycam | hycam (no balance loss) |" and len(samples) > 2
     again = compare(tmp_path, *args)
     assert "training at lr" not in again.stdout and "evaluating" not in again.stdout
+
+
+def test_held_out_task_and_a_variant_beyond_the_paper(tmp_path):
+    """--exclude-tasks builds the recipe without a task (held out); a named variant (site=ffn) trains
+    at HyCAM's learning rate with its own setting."""
+    compare(tmp_path, "--methods", "hycam,hycam (site=ffn)", "--exclude-tasks", "code")
+    manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
+    assert [t["name"] for t in manifest["tasks"]] == ["arithmetic", "medical", "general", "retrieval"]
+    rows = json.loads((tmp_path / "comparison.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["hycam", "hycam (site=ffn)"] and rows[0]["lr"] == rows[1]["lr"]
+    assert all("code" not in r["tasks"] for r in rows)
+    config = json.loads((tmp_path / "hycam_site_ffn" / "run" / "config.json").read_text())
+    assert config["hycam"]["site"] == "ffn" and config["method"] == "hycam"
+    bad = subprocess.run(
+        [sys.executable, "launch/compare.py", "--backbone-name", "tiny-llama", "--out", str(tmp_path / "bad")]
+        + ["--recipe", "data_pipeline/recipes/embedded.yaml", "--methods", "hycam", "--exclude-tasks", "cooking"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode == 2 and "--exclude-tasks cooking" in bad.stderr.strip().splitlines()[-1], bad.stderr

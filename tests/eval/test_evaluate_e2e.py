@@ -3,13 +3,13 @@ the report holds every task, generation with the adapter equals generation witho
 --dtype fp32 is the CPU default while --dtype bf16 stays close to it."""
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from run_helpers import free_port, run_in_own_group
+from run_helpers import free_port
+from run_helpers import run_checked as _run
 
 REPO = Path(__file__).resolve().parents[2]
 # bf16 keeps 8 significant bits (relative rounding up to 2^-9 ~ 0.2% per value); the errors
@@ -18,33 +18,6 @@ REPO = Path(__file__).resolve().parents[2]
 # hundred tokens. 1% holds the first with a wide margin; an adapter or backbone computed wrongly
 # in bf16 moves it by far more.
 BF16_PPL_REL = 0.01
-
-
-def _run(cmd, **kw):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = run_in_own_group(cmd, timeout=600, cwd=REPO, env=env, **kw)
-    assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stderr[-5000:]}"
-    return result
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("evalrun")
-    _run(
-        [
-            sys.executable,
-            "launch/train.py",
-            f"run_dir={root}/run",
-            f"data.cache_dir={root}/data",
-            "data.seq_len=128",
-            "optim.max_steps=12",
-            "optim.warmup_steps=1",
-            "optim.lr=5e-3",
-            "logging.eval_every=0",
-            "logging.progress=false",
-        ]
-    )
-    return root / "run"
 
 
 @pytest.mark.distributed
