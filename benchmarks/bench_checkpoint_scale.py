@@ -9,18 +9,20 @@ trainable parameters give about --mb-per-rank MB of checkpoint per rank (fp32 ma
 Adam moments: 12 bytes per parameter of the rank's partition), after one optimizer step. The size
 per rank is fixed, so the total grows with the ranks.
 
-    DeepSpeed save     engine.save_checkpoint
+    DeepSpeed save     engine.save_checkpoint (returns when the bytes are in the page cache)
+    ... + fsync        the same, then each rank fsyncs the files it wrote (durable, as ours)
     ours, save         the trainer's save: DeepSpeed's save through the hashing checkpoint engine
                        (each rank hashes and fsyncs what it writes), the rank files, the parts
                        gathered, rank 0's manifest, rename and pointer (checkpointing.publish)
+    ours, durable=false  the same without the fsyncs (checkpoint.durable=false)
     DeepSpeed resume   engine.load_checkpoint on a fresh engine
-    ours, resume       the trainer's resume: each rank reads, hashes and screens its share once,
-                       rank 0 lists the directory, DeepSpeed loads the screened objects
+    ours, resume       the trainer's resume: each rank maps, checks and screens its share, rank 0
+                       lists the directory, DeepSpeed loads the screened objects
     before             the scheme ours replaced: rank 0 hashed every rank's files at save (sha256);
                        at resume every rank hashed the whole checkpoint and screened every .pt file,
                        then DeepSpeed read its own files again
 
-Times are the job's (the slowest rank, between barriers), medians over --repeats, the three sides
+Times are the job's (the slowest rank, between barriers), medians over --repeats, the sides
 rotating which goes first. Files stay in the page cache between writing and reading, for every
 side alike. The last columns are the manifest's checksum (XXH3-128) and sha256 alone over one rank's
 files (read from the page cache): the least that a manifest of each kind adds to a resume.
@@ -58,6 +60,7 @@ from hycam_ds.engine.train_config import TrainConfig  # noqa: E402
 
 BYTES_PER_PARAMETER = 12  # fp32 master weight + Adam's two moments
 SIDES = ["ds", "ours", "before"]
+SAVE_ONLY = ["ds_durable", "ours_fast"]  # the same saves, with and without fsync: no resume of their own
 
 
 def build_engine(layers: int, hidden: int, ds_config: dict):
@@ -83,16 +86,24 @@ def timed(action) -> float:
     return time.perf_counter() - start
 
 
-def ours_save(engine, root: Path, step: int, rank: int) -> None:
+def ours_save(engine, root: Path, step: int, rank: int, durable: bool = True) -> None:
     stage = ckpt.staging_dir(root, step)
     if rank == 0:
         stage.mkdir(parents=True)
     torch.distributed.barrier()
-    part = shares.save_engine(engine, stage)
+    part = shares.save_engine(engine, stage, fsync=durable)
     part.update(ckpt.write_rank_files(stage, rank, {"step": step} if rank == 0 else None))
     merged = shares.gather_parts(part)
     if rank == 0:
-        ckpt.publish(root, step, keep_last=10**6, files=merged)
+        ckpt.publish(root, step, keep_last=10**6, files=merged, durable=durable)
+
+
+def ds_durable_save(engine, directory: Path, rank: int) -> None:
+    """DeepSpeed's save, then each rank fsyncs the files it wrote: the same durability as ours."""
+    engine.save_checkpoint(str(directory), tag=ckpt.ENGINE_TAG, exclude_frozen_parameters=True)
+    for path in sorted((directory / ckpt.ENGINE_TAG).glob(f"*rank_{rank}_*")):
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
 
 
 @contextlib.contextmanager
@@ -125,7 +136,7 @@ def before_resume(engine, checkpoint: Path) -> None:
     files, then DeepSpeed reads and unpickles its own files again."""
     ckpt.verify(checkpoint)
     for path in sorted(checkpoint.rglob("*.pt")):
-        shares.screen(path, path.read_bytes())
+        shares.screen(path)
     ds_resume(engine, checkpoint)
 
 
@@ -163,14 +174,17 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str)
     layers = max(1, round(args.mb_per_rank * 1e6 * world / (BYTES_PER_PARAMETER * args.hidden**2)))
     root = Path(out) / f"world{world}"
     times: dict[str, list[float]] = {f"{side}_{what}": [] for side in SIDES for what in ("save", "resume")}
+    times.update({f"{side}_save": [] for side in SAVE_ONLY})
     times["checksum"], times["sha256"] = [], []
     engine = build_engine(layers, args.hidden, ds_config)
     sizes = []
     for r in range(args.repeats):
-        dirs = {side: root / f"{side}{r}" for side in SIDES}
+        dirs = {side: root / f"{side}{r}" for side in SIDES + SAVE_ONLY}
         saves = {
             "ds": partial(engine.save_checkpoint, str(dirs["ds"]), tag=ckpt.ENGINE_TAG, exclude_frozen_parameters=True),
+            "ds_durable": partial(ds_durable_save, engine, dirs["ds_durable"], rank),
             "ours": partial(ours_save, engine, dirs["ours"], r, rank),
+            "ours_fast": partial(ours_save, engine, dirs["ours_fast"], r, rank, durable=False),
             "before": partial(before_save, engine, dirs["before"], r, rank),
         }
         loaded = {"ds": dirs["ds"], **{side: dirs[side] / ckpt.checkpoint_name(r) for side in ("ours", "before")}}
@@ -180,7 +194,8 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str)
             "before": partial(before_resume, checkpoint=loaded["before"]),
         }
         order = SIDES[r % 3 :] + SIDES[: r % 3]  # each side goes first, second and third in turn
-        for side in order:
+        save_order = list(saves)[r % len(saves) :] + list(saves)[: r % len(saves)]
+        for side in save_order:
             times[f"{side}_save"].append(timed(saves[side]))
         for side in order:
             fresh = build_engine(layers, args.hidden, ds_config)  # ZeRO-3 loads into an engine that has not saved
@@ -225,24 +240,42 @@ def main() -> None:
             rows.append(json.loads((Path(out) / f"result{world}.json").read_text()))
     print(f"checkpoint save and resume, ZeRO-3, {os.cpu_count()} CPU cores, medians of {args.repeats}, seconds")
     print("the size per rank is fixed: a job's time should not grow with its ranks (while each has a core)")
-    for what, before in (("save", "rank 0 hashes all"), ("resume", "every rank checks all")):
-        print()
-        extra = " XXH3 of one rank's files | sha256 of them |" if what == "resume" else ""
-        print(f"| ranks | MB per rank | DeepSpeed {what} | ours | ratio | before: {before} | ratio |{extra}")
-        print("|---" * (7 + 2 * bool(extra)) + "|")
-        for row in rows:
-            t = {name: statistics.median(values) for name, values in row["times"].items()}
-            ds, ours, old = t[f"ds_{what}"], t[f"ours_{what}"], t[f"before_{what}"]
-            cells = [
-                f"{row['world']}",
-                f"{row['bytes_per_rank'] / 1e6:.0f}",
-                f"{ds:.2f}",
-                f"{ours:.2f}",
-                f"{ours / ds:.2f}x",
-                f"{old:.2f}",
-                f"{old / ds:.2f}x",
-            ] + ([f"{t['checksum']:.2f}", f"{t['sha256']:.2f}"] if extra else [])
-            print("| " + " | ".join(cells) + " |")
+    t = [{name: statistics.median(values) for name, values in row["times"].items()} for row in rows]
+    print()
+    print("save: ours as DeepSpeed saves (checkpoint.durable=false: the bytes in the page cache) and as")
+    print("the default saves (durable: every rank fsyncs its files), each against DeepSpeed doing the same")
+    print(
+        "| ranks | MB per rank | DeepSpeed save | ours, durable=false | ratio | DeepSpeed save + fsync "
+        "| ours (default) | ratio | before: rank 0 hashes all | ratio |"
+    )
+    print("|---" * 10 + "|")
+    for row, m in zip(rows, t):
+        cells = [f"{row['world']}", f"{row['bytes_per_rank'] / 1e6:.0f}"]
+        for mine, theirs in (("ours_fast", "ds"), ("ours", "ds_durable")):
+            cells += [
+                f"{m[theirs + '_save']:.2f}",
+                f"{m[mine + '_save']:.2f}",
+                f"{m[mine + '_save'] / m[theirs + '_save']:.2f}x",
+            ]
+        cells += [f"{m['before_save']:.2f}", f"{m['before_save'] / m['ds_durable_save']:.2f}x"]
+        print("| " + " | ".join(cells) + " |")
+    print()
+    print(
+        "| ranks | MB per rank | DeepSpeed resume | ours | ratio | before: every rank checks all | ratio "
+        "| XXH3 of one rank's files | sha256 of them |"
+    )
+    print("|---" * 9 + "|")
+    for row, m in zip(rows, t):
+        ds, ours, old = m["ds_resume"], m["ours_resume"], m["before_resume"]
+        cells = [
+            f"{row['world']}",
+            f"{row['bytes_per_rank'] / 1e6:.0f}",
+            f"{ds:.2f}",
+            f"{ours:.2f}",
+            f"{ours / ds:.2f}x",
+        ]
+        cells += [f"{old:.2f}", f"{old / ds:.2f}x", f"{m['checksum']:.2f}", f"{m['sha256']:.2f}"]
+        print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

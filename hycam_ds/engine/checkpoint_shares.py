@@ -6,25 +6,24 @@ RNG states are `rng/rank_<r>.json`; every other file (trainer_state.json, DeepSp
 scripts, ZeRO-2's model-states file) is shared, written by rank 0 and small.
 
 Saving: while DeepSpeed saves, its checkpoint engine is wrapped (`HashingWrites`): each file is
-hashed as torch.save hands its bytes to the disk and fsynced by the rank that wrote it, so nothing
-is read back. Each rank's part of the manifest ({path: {bytes, checksum}}) is gathered on rank 0, which
-merges the parts (`checkpointing.publish`).
+hashed as torch.save hands its bytes to the disk and fsynced by the rank that wrote it
+(`checkpoint.durable`), so nothing is read back. Each rank's part of the manifest ({path: {bytes,
+checksum}}) is gathered on rank 0, which merges the parts (`checkpointing.publish`).
 
-Resuming: each rank reads the files it loads once each (`verify_share`): the bytes are checked
-against the manifest and a .pt file is unpickled with weights_only=True, which admits tensors and
-three plain-data DeepSpeed classes only, so a pickle naming anything else is refused unexecuted. DeepSpeed
-is then handed these screened objects instead of reading the files itself (`ScreenedLoads`): it
-never unpickles a file with weights_only=False, and nothing can change between the check and the
-load. Rank 0 also lists the directory and refuses a file the manifest does not name
-(`checkpointing.check_listing`).
+Resuming: each rank checks the files it loads against the manifest through a read-only mapping
+(`verify_share`: the pages come into the page cache once, with no copy), then unpickles a .pt file
+with weights_only=True from there, as DeepSpeed's own load would read it. weights_only admits
+tensors and three plain-data DeepSpeed classes only, so a pickle naming anything else is refused
+unexecuted. DeepSpeed is then handed these screened objects instead of reading the files itself
+(`ScreenedLoads`): it never unpickles a file with weights_only=False. Rank 0 also lists the
+directory and refuses a file the manifest does not name (`checkpointing.check_listing`).
 """
 
 from __future__ import annotations
 
-import io
+import mmap
 import os
 import re
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -35,7 +34,6 @@ from . import checksums
 from .checkpointing import ENGINE_TAG, TRAINER_STATE, CheckpointError, inside
 from .distributed import gather_to_rank0
 
-_OVERLAP_BYTES = 1 << 20
 _RANK_FILES = (re.compile(r"zero_pp_rank_(\d+)_"), re.compile(r"^rng/rank_(\d+)\.json$"))
 
 
@@ -80,8 +78,8 @@ class HashingWrites:
     pass on their way to the disk; the writing rank then fsyncs the file. `files` is this rank's part
     of the manifest."""
 
-    def __init__(self, engine, stage: Path):
-        self.engine, self.stage = engine, Path(stage).resolve()
+    def __init__(self, engine, stage: Path, fsync: bool = True):
+        self.engine, self.stage, self.fsync = engine, Path(stage).resolve(), fsync
         self.files: dict[str, dict[str, Any]] = {}
 
     def __enter__(self) -> HashingWrites:
@@ -96,13 +94,14 @@ class HashingWrites:
         rel = str(Path(path).resolve().relative_to(self.stage))
         if not isinstance(self.inner, TorchCheckpointEngine):  # an engine of its own (asynchronous, remote)
             self.inner.save(state_dict, path)
-            self.files[rel] = checksums.entry_of_file(Path(path))
+            self.files[rel] = checksums.entry_of_file(Path(path), fsync=self.fsync)
             return
-        with open(path, "wb") as f, ThreadPoolExecutor(1) as pool:
-            hashing = _HashingFile(f, pool)
+        with open(path, "wb") as f:
+            hashing = _HashingFile(f)
             self.inner.save(state_dict, hashing)  # torch.save into a file object: tensors arrive as memoryviews
             f.flush()
-            os.fsync(f.fileno())  # the rank that wrote a file makes it durable (on a shared file system too)
+            if self.fsync:  # the rank that wrote a file makes it durable (on a shared file system too)
+                os.fsync(f.fileno())
         self.files[rel] = checksums.entry(hashing.size, hashing.digest.hexdigest())
 
     def __getattr__(self, name):
@@ -112,22 +111,18 @@ class HashingWrites:
 
 
 class _HashingFile:
-    """A file object for torch.save: each buffer is written by `pool`'s thread while this one hashes
-    it (both release the GIL), so hashing costs no pass of its own over the bytes."""
+    """A file object for torch.save that hashes each buffer as it writes it. XXH3 hashes a buffer
+    in a fraction of the time its write takes; writing on another thread meanwhile was slower and
+    less steady here (a thread hand-off per tensor, and the two competing for the cache)."""
 
-    def __init__(self, file, pool: ThreadPoolExecutor):
-        self.file, self.pool = file, pool
+    def __init__(self, file):
+        self.file = file
         self.digest, self.size = checksums.new_hasher(), 0
 
     def write(self, data) -> int:
+        self.file.write(data)
+        self.digest.update(data)
         nbytes = memoryview(data).nbytes
-        if nbytes < _OVERLAP_BYTES:  # the pickle's small pieces: a thread would cost more than it saves
-            self.file.write(data)
-            self.digest.update(data)
-        else:
-            written = self.pool.submit(self.file.write, data)
-            self.digest.update(data)
-            written.result()
         self.size += nbytes
         return nbytes
 
@@ -135,10 +130,10 @@ class _HashingFile:
         self.file.flush()
 
 
-def save_engine(engine, stage: Path) -> dict[str, dict[str, Any]]:
+def save_engine(engine, stage: Path, fsync: bool = True) -> dict[str, dict[str, Any]]:
     """DeepSpeed's save of this rank's files into `stage` (tag ENGINE_TAG, trainable parameters only),
-    hashed as written; returns this rank's part of the manifest."""
-    with HashingWrites(engine, stage) as written:
+    hashed as written (and fsynced); returns this rank's part of the manifest."""
+    with HashingWrites(engine, stage, fsync) as written:
         engine.save_checkpoint(str(stage), tag=ENGINE_TAG, save_latest=False, exclude_frozen_parameters=True)
     return written.files
 
@@ -150,59 +145,55 @@ def gather_parts(part: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]] |
 
 
 # ------------------------------------------------------------------ resuming
-def screen(path: Path, data: bytes | memoryview) -> Any:
-    """Unpickle a .pt file's bytes admitting plain tensor data only, and the three plain-data classes
+def screen(path: Path) -> Any:
+    """Unpickle a .pt file admitting plain tensor data only, and the three plain-data classes
     DeepSpeed's checkpoints hold besides (an enum, the loss scale, ZeRO-1/2's (numel, start) pairs);
-    anything else is refused unexecuted."""
+    anything else is refused unexecuted. The tensors own their memory (not mmap=True: optimizer
+    state left mapping a checkpoint file would keep it on disk after it is pruned)."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
     try:
         with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, fragment_address]):
-            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure means: not plain data, do not hand it on
         reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path}: refused, not plain tensor data ({reason})") from None
 
 
 def verify_share(checkpoint: Path, manifest: dict[str, Any], rels: Iterable[str]) -> dict[str, Any]:
-    """Read each file of `rels` once: its size and checksum must match the manifest, and a .pt file
-    must pass `screen` (a thread hashes the bytes while they are unpickled; a mismatch is reported
-    first). Returns {rel: the unpickled object of a .pt file, the bytes of any other}."""
+    """Each file of `rels` checked against the manifest (size and checksum, over a read-only mapping
+    of the file), then a .pt file screened (`screen`). Returns {rel: the unpickled object of a .pt
+    file, the bytes of any other}."""
     loaded = {}
-    with ThreadPoolExecutor(1) as pool:
-        for rel in rels:
-            meta, path = manifest["files"][rel], inside(checkpoint, rel)
-            try:
-                data, matches = _read_checking(path, meta, pool)
-            except FileNotFoundError:
-                raise CheckpointError(f"{path}: missing from checkpoint") from None
-            value, refusal = data, None
-            if rel.endswith(".pt"):
-                try:
-                    value = screen(path, data)
-                except CheckpointError as err:
-                    refusal = err
-            if not matches.result():
-                raise CheckpointError(f"{path}: does not match the checkpoint manifest (damaged or modified)")
-            if refusal is not None:
-                raise refusal
-            loaded[rel] = value
+    for rel in rels:
+        meta, path = manifest["files"][rel], inside(checkpoint, rel)
+        try:
+            matches, small = _check_mapped(path, meta, keep=not rel.endswith(".pt"))
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: missing from checkpoint") from None
+        if not matches:
+            raise CheckpointError(f"{path}: does not match the checkpoint manifest (damaged or modified)")
+        loaded[rel] = screen(path) if rel.endswith(".pt") else small
     return loaded
 
 
-def _read_checking(path: Path, meta: dict[str, Any], pool: ThreadPoolExecutor) -> tuple[bytes, Future]:
-    """A file's bytes, read whole (one allocation, no copy after), and the future of whether they
-    match `meta`, computed by `pool`'s thread while the caller unpickles them (hashing releases the GIL)."""
-    data = path.read_bytes()
-    return data, pool.submit(checksums.bytes_match, meta, data)
+def _check_mapped(path: Path, meta: dict[str, Any], keep: bool) -> tuple[bool, bytes | None]:
+    """(whether the file matches its manifest entry, its bytes if `keep`). Hashed through a
+    read-only mapping: the pages come into the page cache, where the unpickling finds them, and are
+    not copied (reading them into a fresh buffer first cost as much as DeepSpeed's whole load)."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return checksums.bytes_match(meta, b""), b"" if keep else None
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            return checksums.bytes_match(meta, mapped), bytes(mapped) if keep else None
 
 
 def screen_directory(directory: Path) -> dict[str, Any]:
     """Every .pt file below `directory` screened ({path: object}); for files this job wrote itself
     (a converted checkpoint), which have no manifest."""
-    return {str(p.resolve()): screen(p, p.read_bytes()) for p in sorted(Path(directory).rglob("*.pt"))}
+    return {str(p.resolve()): screen(p) for p in sorted(Path(directory).rglob("*.pt"))}
 
 
 def load_engine(engine, directory: Path, screened: dict[str, Any]) -> None:

@@ -107,11 +107,13 @@ def publish(
     keep_last: int,
     on_point: Callable[[str], None] = lambda point: None,
     files: dict[str, dict[str, Any]] | None = None,
+    durable: bool = True,
 ) -> Path:
     """Rank 0, after every rank finished writing the staging directory: manifest, rename, pointer, prune.
     `files` are the manifest entries the ranks computed for the files they wrote (their parts,
-    merged); a file no part names is hashed here. `on_point(name)` is called between the stages
-    (fault-injection tests kill the process there)."""
+    merged); a file no part names is hashed here (and, `durable`, fsynced: the ranks fsynced
+    theirs). `on_point(name)` is called between the stages (fault-injection tests kill the process
+    there)."""
     stage, final = staging_dir(root, step), root / checkpoint_name(step)
     named = dict(files or {})
     entries = {}
@@ -119,7 +121,7 @@ def publish(
         rel = str(path.relative_to(stage))
         entry = named.pop(rel, None)
         if entry is None:
-            entry = checksums.entry_of_file(path)
+            entry = checksums.entry_of_file(path, fsync=durable)
         elif entry["bytes"] != path.stat().st_size:
             raise OSError(errno.EIO, "its size is not what its rank wrote", str(path))
         entries[rel] = entry
@@ -128,7 +130,9 @@ def publish(
         raise FileNotFoundError(errno.ENOENT, "written by a rank, missing from the staging directory", str(missing))
     write_json_atomic(stage / MANIFEST, {"step": step, "files": entries})
     on_point("manifest")
-    replace_directory(stage, final)  # a checkpoint of the same step from an earlier attempt is replaced whole
+    # the files are durable already, each made so by the rank that wrote it (or durable=False);
+    # a checkpoint of the same step from an earlier attempt is replaced whole
+    replace_directory(stage, final, fsync=False)
     on_point("published")
     _write_pointer(root, final.name)
     prune(root, keep_last)

@@ -13,6 +13,7 @@ Manifests written before the change record sha256; they are still checked, with 
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -43,9 +44,9 @@ def entry_of_bytes(data: bytes | memoryview) -> dict[str, Any]:
     return entry(memoryview(data).nbytes, hasher.hexdigest())
 
 
-def entry_of_file(path: Path) -> dict[str, Any]:
-    """The manifest entry of a file on disk, read in blocks."""
-    return entry(Path(path).stat().st_size, _hash_file(path, RECORDED))
+def entry_of_file(path: Path, fsync: bool = False) -> dict[str, Any]:
+    """The manifest entry of a file on disk, read in blocks; fsync: made durable too."""
+    return entry(Path(path).stat().st_size, _hash_file(path, RECORDED, fsync))
 
 
 def algorithm(meta: Any) -> Optional[str]:
@@ -69,9 +70,11 @@ def file_matches(meta: dict[str, Any], path: Path) -> bool:
     return Path(path).stat().st_size == meta["bytes"] and _hash_file(path, name) == meta[name]
 
 
-def _hash_file(path: Path, name: str) -> str:
+def _hash_file(path: Path, name: str, fsync: bool = False) -> str:
     hasher = ALGORITHMS[name]()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(_BLOCK), b""):
             hasher.update(block)
+        if fsync:
+            os.fsync(f.fileno())
     return hasher.hexdigest()

@@ -144,6 +144,12 @@ class CheckpointConfig:
     """Start over in a run_dir that already holds a run: its files (config, metrics, TensorBoard,
     checkpoints, tokenizer, adapter) move to run_dir/archive/run-TIME/, never deleted. Without it
     such a run_dir is refused unless `resume` continues the run (hycam_ds.engine.run_dir)."""
+    durable: bool = True
+    """Each rank fsyncs the files it wrote before the checkpoint is published, so a published
+    checkpoint survives a node crash or power loss. False skips the wait, as DeepSpeed's own save
+    does: saves return once the bytes are in the page cache (faster where the disk is slower than
+    the save); a checkpoint torn by a crash soon after is still caught by its manifest at resume,
+    which then names the newest intact checkpoint."""
     export_adapter: bool = True
     """Write run_dir/adapter at the end (HyCAM/CAM: save_adapter; LoRA: PEFT; full: the model)."""
 

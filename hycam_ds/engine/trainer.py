@@ -475,7 +475,7 @@ class Trainer:
         stage = ckpt.staging_dir(self.ckpt_root, self.step)
         self._agree_saved(self._attempt(lambda: self._fresh_stage(stage)) if self.rank == 0 else None)
         try:
-            part = shares.save_engine(self.engine, stage)
+            part = shares.save_engine(self.engine, stage, fsync=self.cfg.checkpoint.durable)
             self._save_point("engine")
         except OSError as err:
             # Inside DeepSpeed's save the peers may wait in its own barrier: this rank ends the job.
@@ -508,7 +508,12 @@ class Trainer:
             error = self._attempt(
                 lambda: published.append(
                     ckpt.publish(
-                        self.ckpt_root, self.step, self.cfg.checkpoint.keep_last, self._save_point, files=merged
+                        self.ckpt_root,
+                        self.step,
+                        self.cfg.checkpoint.keep_last,
+                        self._save_point,
+                        files=merged,
+                        durable=self.cfg.checkpoint.durable,
                     )
                 )
             )

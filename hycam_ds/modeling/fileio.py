@@ -74,9 +74,11 @@ def write_json_atomic(path: Path, value: Any) -> None:
     write_text_atomic(path, json.dumps(value, indent=2, sort_keys=True))
 
 
-def replace_directory(staging: Path, destination: Path) -> None:
-    """Publish a complete `staging` directory as `destination` (replacing an existing one whole)."""
-    fsync_tree(staging)
+def replace_directory(staging: Path, destination: Path, fsync: bool = True) -> None:
+    """Publish a complete `staging` directory as `destination` (replacing an existing one whole).
+    fsync=False: the caller has made the files durable already, or chose not to."""
+    if fsync:
+        fsync_tree(staging)
     if destination.exists():
         retired = destination.with_name(f".{destination.name}.old-{os.getpid()}")
         os.replace(destination, retired)

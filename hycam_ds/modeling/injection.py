@@ -178,5 +178,6 @@ def disable_hycam(model: nn.Module):
 
 
 def set_record_stats(model: nn.Module, enabled: bool) -> None:
-    """Record shared/specialised modulation magnitudes in forward (two reductions per layer)."""
+    """Record shared/specialised modulation magnitudes in training forwards (two reductions per
+    layer; eval-mode forwards never record them)."""
     hycam_state(model).record_stats = enabled

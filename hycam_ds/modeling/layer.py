@@ -28,7 +28,9 @@ from .router import NoiseState, gumbel_noise, routing_mode
 @dataclass
 class HyCAMState:
     """What all HyCAM layers of one model share: the noise source, the token mask of the current
-    forward (for the balance loss and statistics), and whether to record modulation magnitudes."""
+    forward (for the balance loss and statistics), and whether training forwards record modulation
+    magnitudes (telemetry; an eval-mode forward never does: at a decoding step their reductions
+    cost a tenth of HyCAM's time)."""
 
     config: HyCAMConfig
     noise: NoiseState = field(default_factory=NoiseState)
@@ -111,6 +113,7 @@ class HyCAMModulation(nn.Module):
         (the paper's equation, a loop over the experts, plain autograd); tests hold this forward,
         its routing weights and its gradients equal to it."""
         cfg, state = self.config, self._state
+        record = state.record_stats and self.training
         shape = h_att.shape
         x2, h2 = x.reshape(-1, shape[-1]), h_att.reshape(-1, shape[-1])
         target = h2 + h_in.reshape(-1, shape[-1]) if cfg.site == "residual" else h2
@@ -118,7 +121,7 @@ class HyCAMModulation(nn.Module):
             shared = F.silu(cpu_gemm.linear(x2, self.shared_weight, self.shared_bias))
             self.last_magnitudes = (
                 {"shared_magnitude": shared.detach().abs().mean().float(), "specialized_magnitude": None}
-                if state.record_stats
+                if record
                 else {}
             )
             return torch.addcmul(h2, target, shared).view(shape)
@@ -127,7 +130,7 @@ class HyCAMModulation(nn.Module):
         if sample:
             generator = state.noise.generator(self.layer_index, x2.device)
             noise = gumbel_noise((x2.shape[0], self.layout.experts), generator, x2.device)
-        stats: dict | None = {} if state.record_stats else None
+        stats: dict | None = {} if record else None
         inferred = None
         if x2.shape[0] <= cpu_gemm.FEW_ROWS:  # decoding: one call of the fused kernel, where it applies
             weights = (self.shared_weight, self.shared_bias, self.spec_a, self.router_weight, self.router_bias)

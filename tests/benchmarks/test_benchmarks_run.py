@@ -88,10 +88,12 @@ def test_checkpoint_scale_benchmark_prints_every_side_at_each_world_size():
     out = _run("bench_checkpoint_scale.py", "--short", timeout=900)
     lines = out.splitlines()
     for header in (
-        "| ranks | MB per rank | DeepSpeed save | ours | ratio | before: rank 0 hashes all | ratio |",
+        "| ranks | MB per rank | DeepSpeed save | ours, durable=false | ratio | DeepSpeed save + fsync "
+        "| ours (default) |",
         "| ranks | MB per rank | DeepSpeed resume | ours | ratio | before: every rank checks all | ratio |",
     ):
         assert any(line.startswith(header) for line in lines), out
     for ranks in (1, 2):
-        rows = [line for line in lines if line.startswith(f"| {ranks} |") and line.count("x |") == 2]
-        assert len(rows) == 2, out  # a save row and a resume row
+        saves = [line for line in lines if line.startswith(f"| {ranks} |") and line.count("x |") == 3]
+        resumes = [line for line in lines if line.startswith(f"| {ranks} |") and line.count("x |") == 2]
+        assert len(saves) == 1 and len(resumes) == 1, out
