@@ -29,7 +29,7 @@ import torch
 from hycam_ds.engine.cli import Parser, UsageError, run_main
 from hycam_ds.engine.distributed import init_process_group
 from hycam_ds.engine.run_dir import RunDir
-from hycam_ds.eval.precision import DTYPE_CHOICES, device_argument, placement
+from hycam_ds.eval.precision import add_placement_arguments, placement
 from hycam_ds.eval.recipe import run_model_spec
 from hycam_ds.eval.routing_analysis import AnalysisError, analyze, write
 from hycam_ds.eval.settings import EvalSettings
@@ -49,10 +49,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--trained-tasks",
         help="comma-separated tasks the run trained on (default: the tasks of the run's own data build)",
     )
-    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=DEFAULTS.dtype)
-    parser.add_argument("--device", type=device_argument, default=DEFAULTS.device)
-    parser.add_argument("--ds_config", help="DeepSpeed JSON: ZeRO-3 partitions the model across ranks")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    add_placement_arguments(parser)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     check_args(args)

@@ -28,7 +28,7 @@ import torch
 
 from hycam_ds.engine.cli import Parser, UsageError, run_main
 from hycam_ds.engine.distributed import init_process_group
-from hycam_ds.eval.precision import DTYPE_CHOICES, device_argument, placement
+from hycam_ds.eval.precision import add_placement_arguments, placement
 from hycam_ds.eval.recipe import evaluate, model_spec, write
 from hycam_ds.eval.settings import EvalSettings
 
@@ -64,20 +64,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--general-text", default=DEFAULTS.general_text, help="directory of .txt files for knowledge retention"
     )
     parser.add_argument("--general-tokens", type=int, default=DEFAULTS.general_max_tokens)
-    parser.add_argument(
-        "--dtype",
-        choices=DTYPE_CHOICES,
-        default=DEFAULTS.dtype,
-        help="model precision (default auto: bf16 on a GPU that supports it, else fp32)",
-    )
-    parser.add_argument(
-        "--device",
-        type=device_argument,
-        default=DEFAULTS.device,
-        help="auto, cpu, cuda or cuda:N (default auto: the GPU if there is one); auto under ZeRO-3",
-    )
-    parser.add_argument("--ds_config", help="DeepSpeed JSON: ZeRO-3 partitions the model across ranks")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    add_placement_arguments(parser)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     check_args(args)

@@ -25,7 +25,7 @@ from data_pipeline import TEMPLATES, PromptFormat, load_manifest, manifest_templ
 from hycam_ds.engine.cli import Parser, UsageError, run_main
 from hycam_ds.engine.run_dir import RunDir
 from hycam_ds.eval.loading import load_model
-from hycam_ds.eval.precision import DTYPE_CHOICES, device_argument, placement
+from hycam_ds.eval.precision import add_placement_arguments, placement
 from hycam_ds.eval.recipe import model_spec
 
 
@@ -51,10 +51,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--system-prompt", default=None, help="system turn of --template chat (default: the template's)"
     )
-    parser.add_argument(
-        "--dtype", choices=DTYPE_CHOICES, default="auto", help="auto (bf16 on a GPU that supports it, else fp32)"
-    )
-    parser.add_argument("--device", type=device_argument, default="auto", help="auto, cpu, cuda or cuda:N")
+    add_placement_arguments(parser, zero3=False)
     return parser.parse_args(argv)
 
 

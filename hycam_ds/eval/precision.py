@@ -55,6 +55,27 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def add_placement_arguments(parser: argparse.ArgumentParser, zero3: bool = True) -> None:
+    """--dtype and --device (and, `zero3`, --ds_config and the launcher's --local_rank): how the
+    evaluation commands place the model."""
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="auto",
+        help="model precision (default auto: bf16 on a GPU that supports it, else fp32)",
+    )
+    parser.add_argument(
+        "--device",
+        type=device_argument,
+        default="auto",
+        help="auto, cpu, cuda or cuda:N (default auto: the GPU if there is one)"
+        + ("; auto under ZeRO-3" if zero3 else ""),
+    )
+    if zero3:
+        parser.add_argument("--ds_config", help="DeepSpeed JSON: ZeRO-3 partitions the model across ranks")
+        parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
 def placement(dtype: str, device: str, zero3: bool) -> tuple[torch.device, torch.dtype]:
     """(device, dtype) of the model. Under ZeRO-3 DeepSpeed puts every rank on its own
     accelerator (auto resolves to that one), so an explicit device would contradict it."""
