@@ -29,6 +29,7 @@ def _args(run_dir, data_dir, world, global_batch=4, ds_config="zero3.json", **ex
             "method": "cam",
             "logging.eval_every": 0,
             "checkpoint.export_adapter": "false",
+            "logging.weights_checksum": "true",  # the weights after each step, compared below
             **extra,
         },
     )
