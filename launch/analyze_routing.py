@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from hycam_ds.engine.cli import Parser, UsageError, run_main
-from hycam_ds.engine.distributed import init_process_group
+from hycam_ds.engine.cli import USER_ERRORS, Parser, UsageError, run_main
+from hycam_ds.engine.distributed import init_process_group, leave_process_group, process_group_left_on_exit
 from hycam_ds.engine.run_dir import RunDir
 from hycam_ds.eval.precision import add_placement_arguments, placement
 from hycam_ds.eval.recipe import run_model_spec
@@ -96,28 +96,28 @@ def _main(argv: list[str]) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-    rank, world = 0, 1
+    rank = 0
     if args.ds_config or "RANK" in os.environ:
-        rank, world = init_process_group()
-    spec, _, tokenizer = run_model_spec(Path(args.run_dir))
-    settings = EvalSettings(
-        split=args.split,
-        batch_size=args.batch_size,
-        max_ppl_rows=args.max_rows,
-        dtype=args.dtype,
-        device=args.device,
-    )
-    ds_config = json.loads(Path(args.ds_config).read_text()) if args.ds_config else None
-    shown = partial(progress, disable=rank != 0 or args.no_progress)
-    try:
-        result = analyze(spec, [Path(d) for d in args.data], tokenizer, trained_tasks(args), settings, ds_config, shown)
-    except AnalysisError as err:
-        raise UsageError(str(err)) from None
-    if rank == 0:
-        print(write(result, Path(args.out) if args.out else Path(args.run_dir) / "routing_analysis"))
-    if world > 1:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        rank, _ = init_process_group()
+    with process_group_left_on_exit(agreed=USER_ERRORS):
+        spec, _, tokenizer = run_model_spec(Path(args.run_dir))
+        settings = EvalSettings(
+            split=args.split,
+            batch_size=args.batch_size,
+            max_ppl_rows=args.max_rows,
+            dtype=args.dtype,
+            device=args.device,
+        )
+        ds_config = json.loads(Path(args.ds_config).read_text()) if args.ds_config else None
+        shown = partial(progress, disable=rank != 0 or args.no_progress)
+        try:
+            data = [Path(d) for d in args.data]
+            result = analyze(spec, data, tokenizer, trained_tasks(args), settings, ds_config, shown)
+        except AnalysisError as err:
+            raise UsageError(str(err)) from None
+        if rank == 0:
+            print(write(result, Path(args.out) if args.out else Path(args.run_dir) / "routing_analysis"))
+        leave_process_group(wait_for_all=True)
     return 0
 
 

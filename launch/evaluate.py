@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from hycam_ds.engine.cli import Parser, UsageError, run_main
-from hycam_ds.engine.distributed import init_process_group
+from hycam_ds.engine.cli import USER_ERRORS, Parser, UsageError, run_main
+from hycam_ds.engine.distributed import init_process_group, leave_process_group, process_group_left_on_exit
 from hycam_ds.eval.precision import add_placement_arguments, placement
 from hycam_ds.eval.recipe import evaluate, model_spec, write
 from hycam_ds.eval.settings import EvalSettings
@@ -140,18 +140,17 @@ def _main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score logs one line per scorer
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-    rank, world = 0, 1
+    rank = 0
     if args.ds_config or "RANK" in os.environ:
-        rank, world = init_process_group()
-    spec, data_dir, tokenizer = resolve(args)
-    ds_config = json.loads(Path(args.ds_config).read_text()) if args.ds_config else None
-    shown = partial(progress, disable=rank != 0 or args.no_progress)
-    result = evaluate(spec, data_dir, tokenizer, settings_from(args), ds_config, Path(args.out), shown)
-    if rank == 0:
-        print(write(result, Path(args.out)))
-    if world > 1:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        rank, _ = init_process_group()
+    with process_group_left_on_exit(agreed=USER_ERRORS):
+        spec, data_dir, tokenizer = resolve(args)
+        ds_config = json.loads(Path(args.ds_config).read_text()) if args.ds_config else None
+        shown = partial(progress, disable=rank != 0 or args.no_progress)
+        result = evaluate(spec, data_dir, tokenizer, settings_from(args), ds_config, Path(args.out), shown)
+        if rank == 0:
+            print(write(result, Path(args.out)))
+        leave_process_group(wait_for_all=True)
     return 0
 
 

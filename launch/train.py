@@ -93,10 +93,20 @@ def train(argv: list[str]) -> int:
     except ConfigError as err:
         print(f"{PROG}: invalid configuration: {err}", file=sys.stderr)
         return 2
-    from data_pipeline.pretrained import PretrainedRefError
+    from hycam_ds.engine.cli import USER_ERRORS
+    from hycam_ds.engine.distributed import process_group_left_on_exit
     from hycam_ds.engine.trainer import ReportedElsewhere, Trainer
 
     trainer = Trainer(cfg, ds_raw)
+    with process_group_left_on_exit(agreed=(ReportedElsewhere, *USER_ERRORS)):
+        return _train(trainer, cfg, argv, rank)
+
+
+def _train(trainer, cfg, argv: list[str], rank: str) -> int:
+    """Set up and run; each status returned here is one every rank reaches (or was told of)."""
+    from data_pipeline.pretrained import PretrainedRefError
+    from hycam_ds.engine.trainer import ReportedElsewhere
+
     try:
         try:
             trainer.setup()

@@ -217,6 +217,33 @@ def init_process_group() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def leave_process_group(wait_for_all: bool = False) -> None:
+    """End this rank's part of the process group before the interpreter exits. A process that exits
+    with it still alive aborts now and then in its C++ teardown ("terminate called without an active
+    exception", exit 134), turning a clean exit status into a crash. `wait_for_all` meets every rank
+    first (a path every rank reaches); without it nothing waits on another rank, for exits every rank
+    agreed on through an earlier collective but may reach at different times. Idempotent."""
+    if not initialized():
+        return
+    release_shm_buffers()
+    if wait_for_all:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group_left_on_exit(agreed: tuple[type[BaseException], ...]):
+    """Leave the process group when the block returns or raises one of `agreed` (errors every rank
+    raises alike, or hears of from the rank that decided). Any other exception leaves it alone: a
+    peer may still be inside a collective with this rank, and tearing down could wait on it."""
+    try:
+        yield
+    except agreed:
+        leave_process_group()
+        raise
+    leave_process_group()
+
+
 def initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 

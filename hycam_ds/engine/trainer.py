@@ -41,7 +41,7 @@ from . import checkpoint_shares as shares
 from . import checkpointing as ckpt
 from . import faults, resharding
 from . import telemetry as tags
-from .distributed import all_reduce_max, all_reduce_sum, gather_ints, init_process_group, release_shm_buffers
+from .distributed import all_reduce_max, all_reduce_sum, gather_ints, init_process_group, leave_process_group
 from .ds_config import resolve_ds_config, zero_stage
 from .lm_loss import add_task_sums, packed_token_losses, perplexity, task_losses
 from .methods import BackboneLoader, adapt, count_parameters
@@ -834,9 +834,8 @@ class Trainer:
         self.telemetry.close()
         if success and dist.is_initialized():
             self.record_peak_memory()
-            release_shm_buffers()
-            # Peers may still be inside a collective after a failure: only the success path
-            # tears down cleanly (else gloo threads abort with "terminate called ...").
+            # Only here, where every rank arrives, may the teardown wait for the others; the
+            # other exits leave the group without waiting (launch/train.py).
             dist.barrier()
             self.engine.destroy()
-            dist.destroy_process_group()
+            leave_process_group()
