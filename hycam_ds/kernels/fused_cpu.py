@@ -84,13 +84,23 @@ def load(verbose: bool = False) -> ModuleType | None:
     return _module
 
 
+_KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
+def kernel_for(*tensors: torch.Tensor) -> ModuleType | None:
+    """The compiled kernel if these tensors can take it (CPU, float32/float64, kernel available),
+    else None. Cheap on purpose (is_cpu, not .device): it runs before every decoding layer's call."""
+    if _failed or not enabled():
+        return None
+    for t in tensors:
+        if not t.is_cpu or t.dtype not in _KERNEL_DTYPES:
+            return None
+    return load()
+
+
 def usable(*tensors: torch.Tensor) -> bool:
     """Whether these tensors can take the fused kernel (CPU, float32/float64, kernel available)."""
-    if not enabled():
-        return False
-    if any(t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64) for t in tensors):
-        return False
-    return load() is not None
+    return kernel_for(*tensors) is not None
 
 
 def rows_contiguous(t: torch.Tensor) -> torch.Tensor:

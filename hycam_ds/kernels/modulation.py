@@ -312,15 +312,18 @@ def infer_layer(
     stats: dict | None = None,
 ):
     """The projection of x and modulate_layer in one call of the fused CPU kernel, for decoding (a
-    few token rows, nothing needing a gradient). `weights`: (W_shared or None, its bias or None,
-    every A_k stacked [N*r, d], the router's weight, its bias or None). Returns (out, routing
-    weights, probs, proj), proj without padding columns; None where this path does not apply (an
+    few token rows, nothing needing a gradient). x, residual, target [..., d] as the model holds
+    them; `weights`: (W_shared or None, its bias or None, every A_k stacked [N*r, d], the router's
+    weight, its bias or None). Returns (out shaped like residual, and as token rows the routing
+    weights, probs and proj, proj without padding columns); None where this path does not apply (an
     accelerator, bf16, a gradient to compute): then project and call modulate_layer."""
-    if _needs_grad(x, residual, target, *weights, spec_n, spec_b) or not fused_cpu.usable(x, residual, target, spec_b):
-        return None  # (a weight of another dtype or device than x: the kernel's own check says so)
-    residual, target = fused_cpu.rows_contiguous(residual), fused_cpu.rows_contiguous(target)
+    if _needs_grad(x, residual, target, *weights, spec_n, spec_b):
+        return None
+    kernel = fused_cpu.kernel_for(x, residual, target, spec_b)
+    if kernel is None:  # (a weight of another dtype or device than x: the kernel's own check says so)
+        return None
     noise = _NO_NOISE if noise is None else noise.to(target.dtype).contiguous()
-    out, routing, probs, proj, shared_sum, spec_sum = fused_cpu.load().layer_infer(
+    out, routing, probs, proj, shared_sum, spec_sum = kernel.layer_infer(
         x, residual, target, *weights, spec_n, spec_b, noise, float(tau), float(scale), bool(hard), _CPU_CHUNK_ELEMENTS
     )
     _record_magnitudes(stats, shared_sum, spec_sum, target.numel(), weights[0] is not None)

@@ -63,9 +63,32 @@ class HyCAMModulation(nn.Module):
         self.router_bias = nn.Parameter(torch.empty(n)) if experts and config.bias else None
         object.__setattr__(self, "_state", state)  # plain attribute: not a submodule, not saved
         self.layout = ProjectionLayout(d, n, r, config.shared) if experts else None
-        self.last_routing: dict[str, torch.Tensor] = {}
+        self._last_routing: tuple | None = None  # (weights, probs, proj, token shape): last_routing
         self.last_magnitudes: dict[str, torch.Tensor | None] = {}
         self.reset_parameters()
+
+    @property
+    def last_routing(self) -> dict[str, torch.Tensor]:
+        """The last forward's routing, shaped like its tokens [..., N_s]: "weights" (what mixed the
+        experts), "probs" (softmax of the logits, for the balance loss), "logits"; {} before any
+        forward, and without experts."""
+        if self._last_routing is None:
+            return {}
+        weights, probs, proj, routed = self._last_routing
+        return {
+            "weights": weights.view(routed),
+            "probs": probs.view(routed),
+            "logits": self.layout.logits(proj).view(routed),
+        }
+
+    def _shared_only(self, x: torch.Tensor, h_att: torch.Tensor, target: torch.Tensor, record: bool) -> torch.Tensor:
+        """The shared CAM alone (num_specialized=0): no experts to route."""
+        d = h_att.shape[-1]
+        shared = F.silu(cpu_gemm.linear(x.reshape(-1, d), self.shared_weight, self.shared_bias))
+        self.last_magnitudes = (
+            {"shared_magnitude": shared.detach().abs().mean().float(), "specialized_magnitude": None} if record else {}
+        )
+        return torch.addcmul(h_att.reshape(-1, d), target.reshape(-1, d), shared).view(h_att.shape)
 
     def router_parameters(self) -> list[nn.Parameter]:
         """The router's weight and bias (empty without experts)."""
@@ -111,49 +134,61 @@ class HyCAMModulation(nn.Module):
 
         The plain statement of this function is hycam_ds.modeling.reference.reference_modulation
         (the paper's equation, a loop over the experts, plain autograd); tests hold this forward,
-        its routing weights and its gradients equal to it."""
+        its routing weights and its gradients equal to it.
+
+        A decoding step (a few token rows) costs about as much in Python around the kernel as in
+        the kernel itself, so that path touches as little as it can: parameters read from
+        _parameters (not through nn.Module.__getattr__), tensors handed over unflattened, the
+        routing views of last_routing built only when someone reads them."""
         cfg, state = self.config, self._state
         record = state.record_stats and self.training
-        shape = h_att.shape
-        x2, h2 = x.reshape(-1, shape[-1]), h_att.reshape(-1, shape[-1])
-        target = h2 + h_in.reshape(-1, shape[-1]) if cfg.site == "residual" else h2
+        target = h_att + h_in if cfg.site == "residual" else h_att
         if self.layout is None:  # shared CAM alone: no experts to route
-            shared = F.silu(cpu_gemm.linear(x2, self.shared_weight, self.shared_bias))
-            self.last_magnitudes = (
-                {"shared_magnitude": shared.detach().abs().mean().float(), "specialized_magnitude": None}
-                if record
-                else {}
-            )
-            return torch.addcmul(h2, target, shared).view(shape)
+            return self._shared_only(x, h_att, target, record)
+        d = h_att.shape[-1]
+        rows = h_att.numel() // d
         hard, sample = routing_mode(cfg, self.training)
         noise = None
         if sample:
-            generator = state.noise.generator(self.layer_index, x2.device)
-            noise = gumbel_noise((x2.shape[0], self.layout.experts), generator, x2.device)
+            generator = state.noise.generator(self.layer_index, h_att.device)
+            noise = gumbel_noise((rows, self.layout.experts), generator, h_att.device)
         stats: dict | None = {} if record else None
+        params = self._parameters
         inferred = None
-        if x2.shape[0] <= cpu_gemm.FEW_ROWS:  # decoding: one call of the fused kernel, where it applies
-            weights = (self.shared_weight, self.shared_bias, self.spec_a, self.router_weight, self.router_bias)
+        if rows <= cpu_gemm.FEW_ROWS:  # decoding: one call of the fused kernel, where it applies
+            weights = (
+                params.get("shared_weight"),
+                params.get("shared_bias"),
+                params["spec_a"],
+                params["router_weight"],
+                params.get("router_bias"),
+            )
             inferred = infer_layer(
-                x2, h2, target, weights, self.spec_n, self.spec_b, noise, cfg.tau, cfg.scaling, hard, stats
+                x, h_att, target, weights, params["spec_n"], params["spec_b"], noise, cfg.tau, cfg.scaling, hard, stats
             )
         if inferred is None:
-            proj = self._project(x2)
+            proj = self._project(x.reshape(-1, d))
             out, weights, probs = modulate_layer(
-                h2, target, proj, self.layout, self.spec_n, self.spec_b, noise, cfg.tau, cfg.scaling, hard, stats
+                h_att.reshape(-1, d),
+                target.reshape(-1, d),
+                proj,
+                self.layout,
+                params["spec_n"],
+                params["spec_b"],
+                noise,
+                cfg.tau,
+                cfg.scaling,
+                hard,
+                stats,
             )
+            out = out.view(h_att.shape)
         else:
             out, weights, probs, proj = inferred
-        routed = (*shape[:-1], -1)
         # Plain attributes, set past nn.Module.__setattr__: its checks cost as much as the kernel
         # itself at a decoding step.
-        self.__dict__["last_routing"] = {
-            "weights": weights.view(routed),
-            "probs": probs.view(routed),
-            "logits": self.layout.logits(proj).view(routed),
-        }
+        self.__dict__["_last_routing"] = (weights, probs, proj, (*h_att.shape[:-1], -1))
         self.__dict__["last_magnitudes"] = stats or {}
-        return out.view(shape)
+        return out
 
 
 class LayerInputTap(nn.Module):

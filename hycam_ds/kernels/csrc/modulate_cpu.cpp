@@ -680,14 +680,22 @@ std::vector<at::Tensor> layer_forward(at::Tensor residual, at::Tensor target, at
 // by side without padding: concatenating the weights would copy all of them) and layer_forward.
 // Why: a decoding step hands over one token row per sequence, and the dozen torch calls from
 // Python this replaces cost several times their arithmetic there. No autograd: the caller takes
-// this path only when nothing needs a gradient. Returns out, weights, probs, proj and the two
-// sums of layer_forward; z = mid B is scaled after the products (see modulate_rows).
+// this path only when nothing needs a gradient. x, residual and target come as the model holds
+// them, [..., d] (flattened to token rows here, where a reshape costs nothing next to Python's).
+// Returns out (shaped like residual), and as token rows weights, probs, proj and the two sums of
+// layer_forward; z = mid B is scaled after the products (see modulate_rows).
 std::vector<at::Tensor> layer_infer(at::Tensor x, at::Tensor residual, at::Tensor target,
                                     std::optional<at::Tensor> w_shared, std::optional<at::Tensor> b_shared,
                                     at::Tensor spec_a, at::Tensor router_w, std::optional<at::Tensor> router_b,
                                     at::Tensor n, at::Tensor b, at::Tensor noise, double tau, double scale, bool hard,
                                     int64_t chunk_elements) {
   at::NoGradGuard no_grad;
+  const auto shape = residual.sizes().vec();
+  const auto as_rows = [](const at::Tensor& t) {
+    auto rows = t.reshape({-1, t.size(-1)});
+    return rows.stride(1) == 1 ? rows : rows.contiguous();
+  };
+  x = as_rows(x), residual = as_rows(residual), target = as_rows(target);
   std::vector<at::Tensor> parts;
   if (w_shared) parts.push_back(at::linear(x, *w_shared, b_shared));
   parts.push_back(at::linear(x, spec_a));
@@ -696,7 +704,7 @@ std::vector<at::Tensor> layer_infer(at::Tensor x, at::Tensor residual, at::Tenso
   const int64_t low_col = w_shared ? x.size(1) : 0, logit_col = low_col + b.size(0) * b.size(1);
   auto result = modulate_rows(residual, target, proj, n, b, noise, w_shared ? 0 : -1, low_col, logit_col, tau, scale,
                               hard, chunk_elements, /*scale_b=*/false);
-  return {result[0], result[1], result[2], proj, result[5], result[6]};
+  return {result[0].view(shape), result[1], result[2], proj, result[5], result[6]};
 }
 
 // Returns grad_target, grad_proj (every column written: u, A_k x, logits, zeros in the padding),
