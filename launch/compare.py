@@ -182,18 +182,25 @@ def wait_for_stage(child: subprocess.Popen) -> int:
     return returncode
 
 
-def build_data(args: argparse.Namespace, out: Path) -> Path:
-    """One data build for every method (and the untouched backbone's evaluation)."""
+def build_data(args: argparse.Namespace, out: Path, recipe: dict | None) -> Path:
+    """One data build for every method (and the untouched backbone's evaluation); `recipe`: the
+    recipe without --exclude-tasks' tasks (written to OUT/recipe.yaml), or None for --recipe itself."""
     data_dir = out / "data"
     if (data_dir / "manifest.json").is_file():
         return data_dir
+    recipe_path = args.recipe
+    if recipe is not None:
+        import yaml
+
+        recipe_path = str(out / "recipe.yaml")
+        Path(recipe_path).write_text(yaml.safe_dump(recipe, sort_keys=False))
     cmd = [
         sys.executable,
         "-m",
         "data_pipeline",
         "build",
         "--recipe",
-        recipe_without(args.recipe, args.exclude_tasks, out) if args.exclude_tasks else args.recipe,
+        recipe_path,
         "--out",
         str(data_dir),
         "--seq-len",
@@ -212,9 +219,9 @@ def build_data(args: argparse.Namespace, out: Path) -> Path:
     return data_dir
 
 
-def recipe_without(recipe: str, excluded: str, out: Path) -> str:
-    """OUT/recipe.yaml: `recipe` without the tasks named in `excluded` (comma-separated); its own
-    data_root, if any, made absolute so that the copy reads the same files."""
+def recipe_without(recipe: str, excluded: str) -> dict:
+    """`recipe` without the tasks named in `excluded` (comma-separated), checked before anything is
+    written; its own data_root, if any, made absolute so that a copy elsewhere reads the same files."""
     import yaml
 
     path = Path(recipe)
@@ -228,9 +235,7 @@ def recipe_without(recipe: str, excluded: str, out: Path) -> str:
     raw["name"] = f"{raw.get('name', path.stem)}-without-{'-'.join(names)}"
     if raw.get("data_root"):
         raw["data_root"] = str((path.parent / raw["data_root"]).resolve())
-    derived = out / "recipe.yaml"
-    derived.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return str(derived)
+    return raw
 
 
 def backbone_ref(args: argparse.Namespace) -> str:
@@ -533,13 +538,14 @@ def make_plan(args: argparse.Namespace) -> Plan:
         source = METHODS[name].lr_from
         if source and source not in names:
             raise UsageError(f"{name!r} takes the learning rate chosen for {source!r}: include it in --methods")
-    lrs = parse_lrs(args.lrs)  # every argument checked before the data build starts
+    lrs = parse_lrs(args.lrs)  # every argument checked before anything is written
+    recipe = recipe_without(args.recipe, args.exclude_tasks) if args.exclude_tasks else None
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     general = args.general_text
     if general is None and args.data_root and (Path(args.data_root) / "general").is_dir():
         general = str(Path(args.data_root) / "general")
-    return Plan(args, out, build_data(args, out), general, lrs)
+    return Plan(args, out, build_data(args, out, recipe), general, lrs)
 
 
 def main(argv: list[str] | None = None) -> int:

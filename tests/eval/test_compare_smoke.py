@@ -103,3 +103,4 @@ def test_held_out_task_and_a_variant_beyond_the_paper(tmp_path):
         timeout=300,
     )
     assert bad.returncode == 2 and "--exclude-tasks cooking" in bad.stderr.strip().splitlines()[-1], bad.stderr
+    assert not (tmp_path / "bad").exists(), "refused before anything is written"
