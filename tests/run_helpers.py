@@ -48,8 +48,11 @@ def run_train(args, nprocs=1, timeout=600, check=True, env=None):
 def run_in_own_group(cmd, timeout, **kwargs) -> subprocess.CompletedProcess:
     """subprocess.run in a new session; on timeout the whole group is killed (the deepspeed
     launcher's children included, which a plain timeout would leave running as orphans)."""
+    # A crash in native code (a signal) prints nothing of its own: faulthandler prints the Python
+    # stack of every thread to stderr, so a failure is never just an exit status.
+    env = {**(kwargs.pop("env", None) or os.environ), "PYTHONFAULTHANDLER": "1"}
     process = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env, **kwargs
     )
     try:
         stdout, stderr = process.communicate(timeout=timeout)
@@ -81,5 +84,8 @@ def run_checked(cmd, timeout=600, **kwargs) -> subprocess.CompletedProcess:
     """A command run from the repository with one thread, in its own process group; it must exit 0."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", **kwargs.pop("env", {})}
     result = run_in_own_group(cmd, timeout=timeout, cwd=REPO, env=env, **kwargs)
-    assert result.returncode == 0, f"{' '.join(map(str, cmd))}\n{result.stderr[-5000:]}"
+    assert result.returncode == 0, (
+        f"{' '.join(map(str, cmd))} exited {result.returncode}\n--- stderr ---\n{result.stderr[-5000:]}\n"
+        f"--- stdout ---\n{result.stdout[-2000:]}"
+    )
     return result
