@@ -275,7 +275,18 @@ def build_dataclass(
     except ValueError as err:  # the class's own checks name their field
         if isinstance(err, error):
             raise
-        raise _error(error, f"{where}: {err}" if where else str(err), where, file) from None
+        raise _error(error, _in_section(str(err), cls.__name__, where), where, file) from None
+
+
+def _in_section(message: str, class_name: str, where: str) -> str:
+    """A dataclass's own error message as the user wrote the key: "HyCAMConfig.tau=0.0: ..." in the
+    section hycam becomes "hycam.tau=0.0: ...", "HyCAMConfig: ..." becomes "hycam: ..."."""
+    if not where:
+        return message
+    for own, ours in ((f"{class_name}.", f"{where}."), (f"{class_name}: ", f"{where}: ")):
+        if message.startswith(own):
+            return ours + message[len(own) :]
+    return f"{where}: {message}"
 
 
 def check_fields(obj: Any, error: type[Exception] = TypedConfigError, file: str | None = None) -> None:
