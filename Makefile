@@ -10,9 +10,11 @@ env:
 demo: env
 	$(PY) launch/train.py
 
-# The whole default test suite (what CI runs).
+# The whole default test suite (what CI runs), on TEST_WORKERS processes (pytest-xdist): a test file
+# stays on one worker, the SLURM tests share one (tests/conftest.py). TEST_WORKERS=0 runs in this process.
+TEST_WORKERS ?= 2
 test: env
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 # Lint: pyflakes, pycodestyle, import order, bugbear (settings in pyproject.toml); CI runs it.
 lint: env

@@ -1,5 +1,6 @@
 """Shared test options: `--runslow` enables tests marked `slow`."""
 
+import json
 import os
 
 import pytest
@@ -16,12 +17,25 @@ def pytest_addoption(parser):
 
 
 def pytest_collection_modifyitems(config, items):
+    if config.pluginmanager.hasplugin("xdist"):
+        _keep_files_on_one_worker(items)
     if config.getoption("--runslow"):
         return
     skip_slow = pytest.mark.skip(reason="slow variant: run with --runslow")
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip_slow)
+
+
+def _keep_files_on_one_worker(items):
+    """Under pytest-xdist with `--dist loadgroup` (`make test` runs two workers): a file's tests
+    share one worker, so its module fixtures (trained runs, data builds) are made once; the SLURM
+    tests share one worker because each session starts one local cluster on this machine."""
+    slurm_dir = REPO / "tests" / "slurm"
+    for item in items:
+        path = item.path
+        group = "slurm" if slurm_dir in path.parents else str(path.relative_to(REPO))
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")
@@ -62,6 +76,18 @@ _ROWS = []
 def fault_table():
     """Append dicts {"item": "4 corrupt data", "case": str, "trials": int, "passed": int, "detail": str}."""
     return _ROWS
+
+
+def pytest_sessionfinish(session):
+    # an xdist worker hands its rows to the controller, which prints the table
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["fault_rows"] = json.dumps(_ROWS)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    _ROWS.extend(json.loads(getattr(node, "workeroutput", {}).get("fault_rows", "[]")))
 
 
 def pytest_terminal_summary(terminalreporter):
