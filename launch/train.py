@@ -94,8 +94,8 @@ def train(argv: list[str]) -> int:
         print(f"{PROG}: invalid configuration: {err}", file=sys.stderr)
         return 2
     from hycam_ds.engine.cli import USER_ERRORS
-    from hycam_ds.engine.distributed import process_group_left_on_exit
-    from hycam_ds.engine.trainer import ReportedElsewhere, Trainer
+    from hycam_ds.engine.distributed import ReportedElsewhere, process_group_left_on_exit
+    from hycam_ds.engine.trainer import Trainer
 
     trainer = Trainer(cfg, ds_raw)
     with process_group_left_on_exit(agreed=(ReportedElsewhere, *USER_ERRORS)):
@@ -105,7 +105,7 @@ def train(argv: list[str]) -> int:
 def _train(trainer, cfg, argv: list[str], rank: str) -> int:
     """Set up and run; each status returned here is one every rank reaches (or was told of)."""
     from data_pipeline.pretrained import PretrainedRefError
-    from hycam_ds.engine.trainer import ReportedElsewhere
+    from hycam_ds.engine.distributed import ReportedElsewhere
 
     try:
         try:

@@ -29,6 +29,12 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
+
+class ReportedElsewhere(Exception):
+    """This rank stops because of an error another rank reports (rank 0's run-directory checks, a
+    checkpoint write that failed there): the entry point exits without printing it again."""
+
+
 #: Seconds before a collective (and the process group init) gives up; overridable per run.
 TIMEOUT_ENV = "HYCAM_DIST_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 600.0
