@@ -1,4 +1,5 @@
-"""Shared test options: `--runslow` enables tests marked `slow`."""
+"""Shared test options (`--runslow` enables tests marked `slow`), fixtures, and how the suite splits
+across pytest-xdist workers."""
 
 import json
 import os
@@ -31,10 +32,8 @@ def _keep_files_on_one_worker(items):
     """Under pytest-xdist with `--dist loadgroup` (`make test` runs two workers): a file's tests
     share one worker, so its module fixtures (trained runs, data builds) are made once; the SLURM
     tests share one worker because each session starts one local cluster on this machine."""
-    slurm_dir = REPO / "tests" / "slurm"
     for item in items:
-        path = item.path
-        group = "slurm" if slurm_dir in path.parents else str(path.relative_to(REPO))
+        group = "slurm" if item.path.parent.name == "slurm" else item.nodeid.split("::")[0]
         item.add_marker(pytest.mark.xdist_group(group))
 
 
