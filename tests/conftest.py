@@ -3,8 +3,11 @@ across pytest-xdist workers."""
 
 import json
 import os
+import random
 
+import numpy as np
 import pytest
+import torch
 from run_helpers import REPO
 
 # Keep CPU runs reproducible and avoid oversubscribing the 2 cores of CI machines.
@@ -35,6 +38,16 @@ def _keep_files_on_one_worker(items):
     for item in items:
         group = "slurm" if item.path.parent.name == "slurm" else item.nodeid.split("::")[0]
         item.add_marker(pytest.mark.xdist_group(group))
+
+
+@pytest.fixture(autouse=True)
+def _same_random_state_whatever_ran_before():
+    """Every test starts from the same global random state (Python, NumPy, torch): what a test draws
+    without its own generator (a LoRA or nn.Linear init, say) must not depend on which tests ran
+    before it in its process, which pytest-xdist's scheduling changes from run to run."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,13 @@ VOCAB = 97
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 
 
+def _scaled(tolerance: dict, reference: torch.Tensor) -> dict:
+    """The absolute tolerance in units of the reference tensor's largest value (when above 1): a
+    gradient summed over many tokens (LoRA's reach several units) carries rounding in proportion to
+    its size, ~1e-6 of it in fp32 for either summation order."""
+    return dict(tolerance, atol=tolerance["atol"] * max(1.0, float(reference.abs().max())))
+
+
 def _plain(hidden, weight, targets):
     return F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="none")
 
@@ -129,7 +136,12 @@ def _model(method, dtype):
         from peft import LoraConfig, get_peft_model
 
         targets = ["q_proj", "v_proj"] + (["lm_head"] if method == "lora on the head" else [])
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+        # LoRA draws its random init from the global generator: seeded here, so that the weights do not
+        # depend on which tests ran before in this process (pytest-xdist changes that order)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(2)
+            config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+            model = get_peft_model(model, config)
         trained = [p for p in model.parameters() if p.requires_grad]
     else:  # full fine-tuning: the head itself trains
         for p in model.parameters():
@@ -159,7 +171,7 @@ def test_packed_token_losses_equal_the_plain_formula(method, dtype):
     for w, h in zip(want, have):
         assert (w is None) == (h is None)
         if w is not None:
-            torch.testing.assert_close(h.float(), w.float(), **TOLERANCE[dtype])
+            torch.testing.assert_close(h.float(), w.float(), **_scaled(TOLERANCE[dtype], w))
             compared += 1
     assert compared > 0
     if method == "full":
