@@ -3,11 +3,8 @@ across pytest-xdist workers."""
 
 import json
 import os
-import random
 
-import numpy as np
 import pytest
-import torch
 from run_helpers import REPO
 
 # Keep CPU runs reproducible and avoid oversubscribing the 2 cores of CI machines.
@@ -45,9 +42,9 @@ def _same_random_state_whatever_ran_before():
     """Every test starts from the same global random state (Python, NumPy, torch): what a test draws
     without its own generator (a LoRA or nn.Linear init, say) must not depend on which tests ran
     before it in its process, which pytest-xdist's scheduling changes from run to run."""
-    random.seed(0)
-    np.random.seed(0)
-    torch.manual_seed(0)
+    from hycam_ds.engine.seeding import seed_everything  # here: torch loads after the thread settings above
+
+    seed_everything(0)
 
 
 @pytest.fixture(scope="session")
